@@ -1,0 +1,212 @@
+"""Slices (2-D configurations) and patches (3-D configurations) of nnU-Net preprocessed cases,
+each with its normalised position, for position-based contrastive pretraining (PCL / MACL).
+
+Cases are read through nnU-Net's own dataset classes (``infer_dataset_class``: blosc2 ``.b2nd`` or
+the older ``.npz``/``.npy`` layout). Only image data is opened: never the ``_seg`` files (they may
+not exist for unlabeled data) and never the ``.pkl`` properties (no unpickling is needed).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from nnunetv2.training.dataloading.nnunet_dataset import (
+    infer_dataset_class, nnUNetDatasetBlosc2, nnUNetDatasetNumpy)
+
+
+class DatasetError(ValueError):
+    """The preprocessed data cannot be used for pretraining; the message says why."""
+
+
+def _open_image(dataset_class: type, folder: str, identifier: str):
+    """Open only the image array of a case (memory-mapped where the layout allows)."""
+    if dataset_class is nnUNetDatasetBlosc2:
+        import blosc2
+        blosc2.set_nthreads(1)
+        kwargs = {} if os.name == "nt" else {"mmap_mode": "r"}
+        return blosc2.open(urlpath=os.path.join(folder, identifier + ".b2nd"), mode="r",
+                           dparams={"nthreads": 1}, **kwargs)
+    if dataset_class is nnUNetDatasetNumpy:
+        npy = os.path.join(folder, identifier + ".npy")
+        if os.path.isfile(npy):
+            return np.load(npy, mmap_mode="r")
+        with np.load(os.path.join(folder, identifier + ".npz"), allow_pickle=False) as f:
+            return f["data"]
+    raise DatasetError(f"Unsupported nnU-Net dataset class {dataset_class.__name__}")
+
+
+def list_cases(folder: str) -> tuple[type, list[str]]:
+    """nnU-Net's dataset class for ``folder`` and its case identifiers (sorted)."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"Preprocessed data folder does not exist: {folder}")
+    files = [f for f in os.listdir(folder) if f.endswith((".b2nd", ".npz", ".npy"))]
+    if not files:
+        raise DatasetError(f"Empty dataset: no preprocessed cases (.b2nd/.npz) in {folder}")
+    # _seg files may have been removed (unlabeled data): nnU-Net's inference only needs image files
+    dataset_class = infer_dataset_class(folder)
+    identifiers = sorted(dataset_class.get_identifiers(folder))
+    if not identifiers:
+        raise DatasetError(f"Empty dataset: no preprocessed cases in {folder}")
+    return dataset_class, identifiers
+
+
+def _fit(arr: np.ndarray, crop: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """Random crop where larger than ``crop``, centred zero padding where smaller (last len(crop) axes)."""
+    nd = len(crop)
+    spatial = arr.shape[-nd:]
+    slices = [slice(None)] * (arr.ndim - nd)
+    pads = [(0, 0)] * (arr.ndim - nd)
+    for size, c in zip(spatial, crop):
+        if size > c:
+            start = int(rng.integers(0, size - c + 1))
+            slices.append(slice(start, start + c))
+            pads.append((0, 0))
+        else:
+            slices.append(slice(None))
+            before = (c - size) // 2
+            pads.append((before, c - size - before))
+    out = arr[tuple(slices)]
+    if any(p != (0, 0) for p in pads):
+        out = np.pad(out, pads)
+    return out
+
+
+class PretrainSliceDataset(Dataset):
+    """Every 2-D slice of every case, along the axis nnU-Net's 2-D configuration slices (axis 0 of
+    the preprocessed (transposed) array), with position p = (i + 1) / n_slices.
+
+    Item k -> (image (C, *crop) float32 tensor, position (1,) float32 tensor). The random crop is
+    drawn from a generator seeded by (seed, epoch, k), so a resumed run sees the same data.
+    """
+
+    def __init__(self, folder: str, crop_size: Sequence[int], identifiers: Sequence[str] | None = None,
+                 seed: int = 0) -> None:
+        self.folder = folder
+        self.dataset_class, all_ids = list_cases(folder)
+        self.identifiers = list(identifiers) if identifiers is not None else all_ids
+        self.crop_size = [int(c) for c in crop_size]
+        self.seed = seed
+        self.epoch = 0
+        self._arrays: dict[str, object] = {}  # opened lazily per worker process
+        case_index, slice_index, positions = [], [], []
+        self.num_channels = None
+        for ci, identifier in enumerate(self.identifiers):
+            arr = _open_image(self.dataset_class, folder, identifier)
+            if arr.ndim != 4:
+                raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
+            if self.num_channels is None:
+                self.num_channels = int(arr.shape[0])
+            n = int(arr.shape[1])
+            if n < 2:
+                raise DatasetError(
+                    f"Case {identifier} has a single slice along the slicing axis: slice positions are undefined "
+                    f"(position-based positives need volumes). Remove such cases or pretrain with "
+                    f"--method simclr (instance positives only).")
+            case_index.append(np.full(n, ci))
+            slice_index.append(np.arange(n))
+            positions.append((np.arange(n) + 1) / n)
+        self.case_index = np.concatenate(case_index)
+        self.slice_index = np.concatenate(slice_index)
+        self.positions = np.concatenate(positions).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.case_index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _array(self, identifier: str):
+        arr = self._arrays.get(identifier)
+        if arr is None:
+            arr = _open_image(self.dataset_class, self.folder, identifier)
+            self._arrays[identifier] = arr
+        return arr
+
+    def __getstate__(self):  # open handles are not sent to worker processes
+        state = self.__dict__.copy()
+        state["_arrays"] = {}
+        return state
+
+    def __getitem__(self, k: int):
+        identifier = self.identifiers[int(self.case_index[k])]
+        z = int(self.slice_index[k])
+        image = np.asarray(self._array(identifier)[:, z], dtype=np.float32)
+        rng = np.random.default_rng((self.seed, self.epoch, int(k)))
+        image = _fit(image, self.crop_size, rng)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor([self.positions[k]])
+
+
+class PretrainPatchDataset(Dataset):
+    """3-D patches of nnU-Net preprocessed cases with their normalised centre coordinates as
+    positions (beyond the paper: positives are patches within the threshold on every axis).
+
+    ``patches_per_case`` patches per case and epoch, centres uniform over the volume.
+    Item k -> (image (C, *patch) float32, position (3,) float32 in (0, 1]).
+    """
+
+    def __init__(self, folder: str, patch_size: Sequence[int], identifiers: Sequence[str] | None = None,
+                 patches_per_case: int = 4, seed: int = 0) -> None:
+        self.folder = folder
+        self.dataset_class, all_ids = list_cases(folder)
+        self.identifiers = list(identifiers) if identifiers is not None else all_ids
+        self.patch_size = [int(p) for p in patch_size]
+        self.patches_per_case = patches_per_case
+        self.seed = seed
+        self.epoch = 0
+        self._arrays: dict[str, object] = {}
+        self.shapes = []
+        self.num_channels = None
+        for identifier in self.identifiers:
+            arr = _open_image(self.dataset_class, folder, identifier)
+            if arr.ndim != 4:
+                raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
+            self.num_channels = self.num_channels or int(arr.shape[0])
+            self.shapes.append(tuple(int(s) for s in arr.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.identifiers) * self.patches_per_case
+
+    set_epoch = PretrainSliceDataset.set_epoch
+    _array = PretrainSliceDataset._array
+    __getstate__ = PretrainSliceDataset.__getstate__
+
+    def __getitem__(self, k: int):
+        ci = int(k) // self.patches_per_case
+        identifier = self.identifiers[ci]
+        shape = self.shapes[ci]
+        rng = np.random.default_rng((self.seed, self.epoch, int(k)))
+        centre = [int(rng.integers(0, s)) for s in shape]
+        # read the window around the centre that lies inside the volume, then pad to the patch size
+        lo = [max(0, c - p // 2) for c, p in zip(centre, self.patch_size)]
+        hi = [min(s, l + p) for s, l, p in zip(shape, lo, self.patch_size)]
+        arr = self._array(identifier)
+        image = np.asarray(arr[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.float32)
+        image = _fit(image, self.patch_size, rng)
+        position = [(c + 1) / s for c, s in zip(centre, shape)]
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(position, dtype=torch.float32)
+
+
+class EpochPermutationSampler(torch.utils.data.Sampler):
+    """Every index exactly once per epoch, in an order fixed by (seed, epoch); with ``rank``/
+    ``world_size`` each process takes an interleaved share (a distributed sampler that stays
+    deterministic across resumes)."""
+
+    def __init__(self, length: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.length, self.seed, self.rank, self.world_size = length, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        order = torch.randperm(self.length, generator=g).tolist()
+        usable = (self.length // self.world_size) * self.world_size
+        return iter(order[self.rank:usable:self.world_size])
+
+    def __len__(self) -> int:
+        return self.length // self.world_size

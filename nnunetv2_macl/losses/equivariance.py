@@ -1,0 +1,64 @@
+"""Feature-level equivariant regularisation LER of MACL.
+
+Reference:
+    - MACL: Zeng et al., "Multi-level Asymmetric Contrastive Learning for Volumetric Medical
+      Image Segmentation Pre-training", eq. 13: LER = || Y - down(Y~) ||_1.
+    - SEAM: Wang et al., "Self-supervised Equivariant Attention Mechanism for Weakly
+      Supervised Semantic Segmentation", CVPR 2020.
+
+Y is the bottleneck of the down-sampled input (dominant branch), Y~ the bottleneck of the
+full-resolution input (auxiliary branch); down() is bilinear / trilinear interpolation with
+align_corners=True, as for the input down-sampling (METHOD.md).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .supcon import float32_math
+
+
+def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
+    """LER (paper eq. 13), L1 averaged over all elements.
+
+    Args:
+        y_dominant: (N, C, *s) bottleneck of the down-sampled input (Y), s 2-D or 3-D.
+        y_auxiliary: (N, C, *S) bottleneck of the full-resolution input (Y~), S >= s on
+            every axis; it is interpolated to s (no interpolation when S == s).
+
+    Returns:
+        Scalar float32 loss. Gradients reach both branches (no stop-gradient in the paper).
+    """
+    if y_dominant.ndim not in (4, 5) or y_auxiliary.ndim != y_dominant.ndim:
+        raise ValueError(
+            "bottlenecks must both be (N, C, *S) with 2-D or 3-D spatial S, got "
+            f"y_dominant {tuple(y_dominant.shape)} and y_auxiliary {tuple(y_auxiliary.shape)}"
+        )
+    if y_dominant.shape[:2] != y_auxiliary.shape[:2]:
+        raise ValueError(
+            "bottlenecks must agree in batch and channels, got "
+            f"y_dominant {tuple(y_dominant.shape)} and y_auxiliary {tuple(y_auxiliary.shape)}"
+        )
+    small, large = tuple(y_dominant.shape[2:]), tuple(y_auxiliary.shape[2:])
+    if any(s > l for s, l in zip(small, large)):
+        # down() only shrinks; a larger dominant bottleneck means the arguments are swapped.
+        raise ValueError(
+            "y_auxiliary (full-resolution bottleneck) must be at least as large as y_dominant on every "
+            f"spatial axis, got y_dominant {tuple(y_dominant.shape)} and y_auxiliary {tuple(y_auxiliary.shape)}"
+        )
+
+    with float32_math(y_dominant.device):
+        y = y_dominant.float()
+        y_tilde = y_auxiliary.float()
+        if small != large:
+            mode = "bilinear" if len(small) == 2 else "trilinear"
+            y_tilde = F.interpolate(y_tilde, size=small, mode=mode, align_corners=True)
+        return F.l1_loss(y, y_tilde)
+
+
+class EquivarianceLoss(nn.Module):
+    """Module form of :func:`equivariance_loss`."""
+
+    def forward(self, y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
+        return equivariance_loss(y_dominant, y_auxiliary)

@@ -1,0 +1,121 @@
+"""Multi-level contrastive loss L_MLC of MACL.
+
+Reference:
+    - MACL: Zeng et al., "Multi-level Asymmetric Contrastive Learning for Volumetric Medical
+      Image Segmentation Pre-training", eq. 10: L_MLC = l1 Lg + l2 Ld + l3 LER,
+      defaults (1.0, 0.5, 1.0).
+
+Switching components off (weight 0) gives the paper's baselines and ablations, e.g. PCL /
+SimCLR = (1, 0, 0), "image level only" = (1, 0, 1) (METHOD.md, "Baselines and ablations").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .dense_contrastive import DENSE_FORMS, dense_contrastive_loss
+from .equivariance import equivariance_loss
+from .global_contrastive import global_contrastive_loss
+from .supcon import check_positives, check_tau, check_threshold
+
+# component name -> (weight index, output keys it needs)
+_COMPONENTS = {
+    "Lg": (0, ("global_dominant", "global_auxiliary")),
+    "Ld": (1, ("dense_dominant", "dense_auxiliary")),
+    "LER": (2, ("bottleneck_dominant", "bottleneck_auxiliary")),
+}
+
+
+class MultiLevelContrastiveLoss(nn.Module):
+    """L_MLC = l1 * Lg + l2 * Ld + l3 * LER.
+
+    Args:
+        weights: (l1, l2, l3) >= 0, not all zero. A component with weight 0 is not computed.
+        threshold, tau, positives, base_temperature: passed to Lg and Ld (see
+            :func:`global_contrastive_loss`).
+        dense_form: "supcon" (eq. 12), "mse" or "byol" (Table VII).
+
+    Forward:
+        outputs: dict with "global_dominant", "global_auxiliary" (N, C);
+            "dense_dominant", "dense_auxiliary" (N, C, *S);
+            "bottleneck_dominant" (N, C, *s), "bottleneck_auxiliary" (N, C, *S).
+            Keys of switched-off components may be absent.
+        positions: (N,) or (N, D) normalised positions (may be None with positives="instance").
+
+    Returns:
+        (total, {"Lg", "Ld", "LER"}): total is a float32 scalar with graph; the dict holds the
+        unweighted components, detached (0 for switched-off ones).
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] = (1.0, 0.5, 1.0),
+        threshold: float = 0.1,
+        tau: float = 0.1,
+        positives: str = "position",
+        dense_form: str = "supcon",
+        base_temperature: float | None = None,
+    ) -> None:
+        super().__init__()
+        weights = tuple(float(w) for w in weights)
+        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"weights must be three finite numbers >= 0 (l1, l2, l3), got {weights!r}")
+        if not any(w > 0 for w in weights):
+            raise ValueError(f"at least one of the weights (l1, l2, l3) must be > 0, got {weights!r}")
+        if dense_form not in DENSE_FORMS:
+            raise ValueError(f"dense_form must be one of {DENSE_FORMS}, got {dense_form!r}")
+        check_threshold(threshold)
+        check_tau(tau, base_temperature)
+        check_positives(positives)
+        self.weights = weights
+        self.threshold = float(threshold)
+        self.tau = float(tau)
+        self.positives = positives
+        self.dense_form = dense_form
+        self.base_temperature = base_temperature
+
+    def _pair(self, outputs: Mapping[str, Tensor], name: str) -> tuple[Tensor, Tensor]:
+        index, keys = _COMPONENTS[name]
+        for key in keys:
+            if outputs.get(key) is None:
+                raise ValueError(
+                    f"{name} has weight l{index + 1} = {self.weights[index]} but outputs lacks {key!r} "
+                    f"(got keys {sorted(outputs)})"
+                )
+        return outputs[keys[0]], outputs[keys[1]]
+
+    def forward(self, outputs: Mapping[str, Tensor], positions: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        components: dict[str, Tensor] = {}
+        if self.weights[0] > 0:
+            z, z_tilde = self._pair(outputs, "Lg")
+            components["Lg"] = global_contrastive_loss(
+                z, z_tilde, positions, self.threshold, self.tau, self.positives, self.base_temperature
+            )
+        if self.weights[1] > 0:
+            z, z_tilde = self._pair(outputs, "Ld")
+            components["Ld"] = dense_contrastive_loss(
+                z, z_tilde, positions, self.threshold, self.tau, self.dense_form, self.positives,
+                self.base_temperature,
+            )
+        if self.weights[2] > 0:
+            y, y_tilde = self._pair(outputs, "LER")
+            components["LER"] = equivariance_loss(y, y_tilde)
+
+        total = sum(self.weights[_COMPONENTS[name][0]] * value for name, value in components.items())
+        device = total.device
+        logged = {
+            name: components[name].detach() if name in components else torch.zeros((), device=device)
+            for name in _COMPONENTS
+        }
+        return total, logged
+
+    def extra_repr(self) -> str:
+        return (
+            f"weights={self.weights}, threshold={self.threshold}, tau={self.tau}, "
+            f"positives={self.positives!r}, dense_form={self.dense_form!r}, "
+            f"base_temperature={self.base_temperature}"
+        )

@@ -1,0 +1,210 @@
+"""The asymmetric two-branch MACL structure around the network nnU-Net builds from its plans.
+
+MACL (Zeng et al., "Multi-level Asymmetric Contrastive Learning for Volumetric Medical Image
+Segmentation Pre-training", IEEE TMI 2024):
+
+* dominant branch  = down(lambda) -> encoder -> first N decoder stages (the decoder output is the
+  pixel projection Z^l; g_ins on the decoder output gives Z^g);
+* auxiliary branch = encoder (shared parameters by default) -> g~_pix (Z~^l) / g~_ins (Z~^g).
+
+lambda per axis is 1 / product of the strides of the last N encoder stages, so that the dominant
+decoder output and the auxiliary bottleneck have the same spatial size. The wrapped ``network`` is
+the untouched nnU-Net network: its ``state_dict()`` is what fine-tuning loads, key for key.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2_macl.data.augmentation import downsample
+from nnunetv2_macl.model.projectors import InstanceProjector, PixelProjector
+
+ENCODER_MODES = ("shared", "independent", "ema")
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    network = getattr(network, "module", network)  # DDP
+    return getattr(network, "_orig_mod", network)  # torch.compile
+
+
+def encoder_strides(network: nn.Module) -> list[list[int]]:
+    """Per-stage, per-axis strides of the nnU-Net encoder (stage 0 first)."""
+    encoder = _unwrap(network).encoder
+    ndim = 3 if encoder.conv_op is nn.Conv3d else 2
+    out = []
+    for s in encoder.strides:
+        s = [int(s)] * ndim if np.isscalar(s) else [int(i) for i in s]
+        out.append(s)
+    return out
+
+
+def downsampling_factors(network: nn.Module, decoder_blocks: int) -> list[float]:
+    """lambda per axis = 1 / prod(strides of the last N encoder stages); 1.0 for N = 0."""
+    strides = encoder_strides(network)
+    n_decoder_stages = len(_unwrap(network).decoder.stages)
+    if not 0 <= decoder_blocks <= n_decoder_stages:
+        raise ValueError(f"decoder_blocks must be in [0, {n_decoder_stages}] for this network, got {decoder_blocks}")
+    ndim = len(strides[0])
+    if decoder_blocks == 0:
+        return [1.0] * ndim
+    prod = np.prod(np.array(strides[-decoder_blocks:]), axis=0)
+    return [1.0 / float(p) for p in prod]
+
+
+def required_divisor(network: nn.Module, decoder_blocks: int) -> list[int]:
+    """The crop must be divisible per axis by (1/lambda) x the encoder's total stride, so that both
+    branches' feature maps align exactly."""
+    total = np.prod(np.array(encoder_strides(network)), axis=0)
+    lam = downsampling_factors(network, decoder_blocks)
+    return [int(round(t / l)) for t, l in zip(total, lam)]
+
+
+def pretrained_prefixes(decoder_blocks: int) -> list[str]:
+    """State-dict key prefixes trained by MACL (handed to fine-tuning)."""
+    prefixes = ["encoder.", "decoder.encoder."]  # UNetDecoder keeps a reference to the encoder
+    for i in range(decoder_blocks):
+        prefixes += [f"decoder.stages.{i}.", f"decoder.transpconvs.{i}."]
+    return prefixes
+
+
+class MACLNetwork(nn.Module):
+    """Wraps an nnU-Net segmentation network into the MACL dominant/auxiliary structure.
+
+    Args:
+        network: the network from ``get_network_from_plans`` (PlainConvUNet, ResidualEncoderUNet, ...).
+        decoder_blocks: N, the number of decoder stages pretrained in the dominant branch (0 = PCL-style).
+        projection_dim: output size of the image-level projectors (128 in the paper).
+        global_through_decoder: Z^g = g_ins(d_N(e(down(V1)))) (paper eq. 4, authors' code) when True;
+            g_ins(e(down(V1))) (paper eq. 9) when False.
+        encoder_mode: "shared" (paper default), "independent" (auxiliary branch has its own encoder)
+            or "ema" (auxiliary encoder is an exponential moving average of the dominant one).
+    """
+
+    def __init__(self, network: nn.Module, decoder_blocks: int = 2, projection_dim: int = 128,
+                 global_through_decoder: bool = True, encoder_mode: str = "shared",
+                 ema_momentum: float = 0.99) -> None:
+        super().__init__()
+        if encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {encoder_mode!r}")
+        self.network = network
+        self.decoder_blocks = decoder_blocks
+        self.global_through_decoder = global_through_decoder
+        self.encoder_mode = encoder_mode
+        self.ema_momentum = ema_momentum
+        self.scale = downsampling_factors(network, decoder_blocks)
+
+        encoder = network.encoder
+        bottleneck_channels = int(encoder.output_channels[-1])
+        # channels of decoder stage N (the dominant pixel projection); the bottleneck for N = 0
+        dense_channels = (int(encoder.output_channels[-(decoder_blocks + 1)]) if decoder_blocks > 0
+                          else bottleneck_channels)
+        self.dense_channels = dense_channels
+        self.bottleneck_channels = bottleneck_channels
+
+        if encoder_mode == "shared":
+            self.auxiliary_encoder = None
+        else:
+            self.auxiliary_encoder = copy.deepcopy(encoder)
+            if encoder_mode == "ema":
+                for p in self.auxiliary_encoder.parameters():
+                    p.requires_grad_(False)
+
+        global_in = dense_channels if (global_through_decoder and decoder_blocks > 0) else bottleneck_channels
+        self.global_head_dominant = InstanceProjector(global_in, 128, projection_dim)
+        self.global_head_auxiliary = InstanceProjector(bottleneck_channels, 128, projection_dim)
+        self.pixel_head_auxiliary = PixelProjector(bottleneck_channels, dense_channels, encoder.conv_op,
+                                                   encoder.norm_op, encoder.norm_op_kwargs)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _aux_encoder(self) -> nn.Module:
+        return self.network.encoder if self.auxiliary_encoder is None else self.auxiliary_encoder
+
+    def partial_decode(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Run the first N decoder stages (with their transposed convolutions and skips)."""
+        decoder = self.network.decoder
+        x = skips[-1]
+        for s in range(self.decoder_blocks):
+            x = decoder.transpconvs[s](x)
+            x = torch.cat((x, skips[-(s + 2)]), 1)
+            x = decoder.stages[s](x)
+        return x
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return downsample(x, self.scale)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA encoder mode: move the auxiliary encoder towards the dominant (trained) encoder."""
+        if self.encoder_mode != "ema":
+            return
+        m = self.ema_momentum
+        for pa, pd in zip(self.auxiliary_encoder.parameters(), self.network.encoder.parameters()):
+            pa.mul_(m).add_(pd.detach(), alpha=1 - m)
+        for ba, bd in zip(self.auxiliary_encoder.buffers(), self.network.encoder.buffers()):
+            ba.copy_(bd)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, i1: torch.Tensor, v1: torch.Tensor, i2: torch.Tensor, v2: torch.Tensor,
+                need: Iterable[str] = ("global", "dense", "equivariance")) -> dict[str, torch.Tensor]:
+        """Compute the projections the enabled losses need.
+
+        i1/i2: T_fix views (N, C, *S) of the dominant/auxiliary branch; v1/v2: T_var views.
+        need: subset of {"global", "dense", "equivariance"}.
+        Returns a dict with keys global_dominant/global_auxiliary (N, D), dense_dominant/
+        dense_auxiliary (N, C_D, *s), bottleneck_dominant/bottleneck_auxiliary, as needed.
+        Views of one branch go through the encoder as one concatenated batch (instance norm makes
+        this identical to two passes and it halves the kernel launches).
+        """
+        need = set(need)
+        n = i1.shape[0]
+        out: dict[str, torch.Tensor] = {}
+        encoder = self.network.encoder
+        aux_encoder = self._aux_encoder()
+
+        # dominant branch
+        dom_inputs = []
+        if need & {"dense", "equivariance"}:
+            dom_inputs.append(i1)
+        if "global" in need:
+            dom_inputs.append(v1)
+        if dom_inputs:
+            skips = encoder(self.down(torch.cat(dom_inputs, 0)))
+            k = 0
+            if need & {"dense", "equivariance"}:
+                fixed_skips = [s[:n] for s in skips]
+                out["bottleneck_dominant"] = fixed_skips[-1]
+                if "dense" in need:
+                    out["dense_dominant"] = self.partial_decode(fixed_skips)
+                k = n
+            if "global" in need:
+                var_skips = [s[k:] for s in skips]
+                feats = self.partial_decode(var_skips) if self.global_through_decoder else var_skips[-1]
+                out["global_dominant"] = self.global_head_dominant(feats)
+
+        # auxiliary branch
+        aux_inputs = []
+        if need & {"dense", "equivariance"}:
+            aux_inputs.append(i2)
+        if "global" in need:
+            aux_inputs.append(v2)
+        if aux_inputs:
+            bottleneck = aux_encoder(torch.cat(aux_inputs, 0))
+            bottleneck = bottleneck[-1] if isinstance(bottleneck, (list, tuple)) else bottleneck
+            k = 0
+            if need & {"dense", "equivariance"}:
+                fixed = bottleneck[:n]
+                out["bottleneck_auxiliary"] = fixed
+                if "dense" in need:
+                    out["dense_auxiliary"] = self.pixel_head_auxiliary(fixed)
+                k = n
+            if "global" in need:
+                out["global_auxiliary"] = self.global_head_auxiliary(bottleneck[k:])
+        return out
+
+    def heads_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything that is not the nnU-Net network (projectors, auxiliary encoder copy)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("network.")}

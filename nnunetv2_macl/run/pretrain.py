@@ -1,0 +1,194 @@
+"""``macl_pretrain``: MACL self-supervised pretraining on an nnU-Net preprocessed dataset.
+
+Thin over :func:`run_pretraining` (the API), as nnU-Net's ``run_training`` is over its trainer.
+Multi-GPU: ``torchrun --nproc_per_node N $(which macl_pretrain) -d ID ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from nnunetv2_macl.training.config import MACLConfig
+
+
+class UsageError(ValueError):
+    """Bad command-line input that is not a pretraining option (dataset, plans, environment)."""
+
+
+def _require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise UsageError(f"Environment variable {name} is not set. Set nnUNet_raw, nnUNet_preprocessed and "
+                         f"nnUNet_results as for nnU-Net (see nnU-Net's documentation/setting_up_paths.md).")
+    return value
+
+
+def resolve_dataset_name(dataset_name_or_id: str | int) -> str:
+    """nnU-Net's dataset id/name lookup, with a one-line error."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    _require_env("nnUNet_preprocessed")
+    try:
+        return maybe_convert_to_dataset_name(dataset_name_or_id)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"Unknown dataset {dataset_name_or_id!r}: not found in nnUNet_raw, nnUNet_preprocessed or "
+                         f"nnUNet_results ({str(e).splitlines()[0][:200]})") from None
+
+
+def load_plans_and_dataset_json(dataset_name: str, plans_identifier: str) -> tuple[dict, dict, str]:
+    preprocessed = os.path.join(_require_env("nnUNet_preprocessed"), dataset_name)
+    plans_file = os.path.join(preprocessed, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        available = sorted(f[:-5] for f in os.listdir(preprocessed) if f.endswith("Plans.json")) \
+            if os.path.isdir(preprocessed) else []
+        raise UsageError(f"Unknown plans {plans_identifier!r} for {dataset_name}: {plans_file} does not exist "
+                         f"(available: {available or 'none; run nnUNetv2_plan_and_preprocess'})")
+    with open(plans_file) as f:
+        plans = json.load(f)
+    with open(os.path.join(preprocessed, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    return plans, dataset_json, preprocessed
+
+
+def pretraining_output_folder(dataset_name: str, plans_identifier: str, configuration: str) -> str:
+    from nnunetv2_macl.training.pretrainer import output_folder_name
+
+    return os.path.join(_require_env("nnUNet_results"), dataset_name, output_folder_name(plans_identifier,
+                                                                                        configuration))
+
+
+def run_pretraining(dataset_name_or_id: str | int, configuration: str = "2d", plans_identifier: str = "nnUNetPlans",
+                    config: MACLConfig | None = None, device: str | torch.device = "cuda",
+                    continue_training: bool = False, output_folder: str | None = None) -> str:
+    """Pretrain with MACL and return the output folder (holding checkpoint_final.pth)."""
+    from nnunetv2_macl.training.pretrainer import MACLPretrainer
+
+    config = config or MACLConfig()
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        import torch.distributed as dist
+
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps requested but MPS is not available; use --device cpu")
+
+    dataset_name = resolve_dataset_name(dataset_name_or_id)
+    plans, dataset_json, preprocessed = load_plans_and_dataset_json(dataset_name, plans_identifier)
+    output_folder = output_folder or pretraining_output_folder(dataset_name, plans_identifier, configuration)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    trainer = MACLPretrainer(plans, configuration, dataset_json, preprocessed, output_folder, config, device,
+                             rank=rank, world_size=world_size)
+    trainer.initialize()
+    if continue_training:
+        latest = os.path.join(output_folder, "checkpoint_latest.pth")
+        if os.path.isfile(latest):
+            trainer.load_checkpoint(latest)
+        else:
+            trainer.print_to_log_file(f"--c: no {latest} yet; starting a new pretraining")
+    elif os.path.isfile(os.path.join(output_folder, "checkpoint_final.pth")) or \
+            os.path.isfile(os.path.join(output_folder, "checkpoint_latest.pth")):
+        raise UsageError(f"{output_folder} already holds a pretraining checkpoint; use --c to continue it, or remove "
+                         f"the folder to start over")
+    trainer.run_training()
+    return output_folder
+
+
+def _floats(text: str, n: int | None = None) -> tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(","))
+    if n is not None and len(values) != n:
+        raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = MACLConfig()
+    p = argparse.ArgumentParser(
+        prog="macl_pretrain",
+        description="MACL self-supervised pretraining (no labels) of the network nnU-Net plans for a dataset. "
+                    "Writes $nnUNet_results/DatasetXXX_Name/MACLPretrainer__<plans>__<configuration>/.")
+    p.add_argument("-d", dest="dataset", required=True, help="dataset id or name, as nnU-Net accepts")
+    p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default 2d)")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   choices=["cuda", "cpu", "mps"], help="default: cuda when available, else cpu")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="slices per process (default 16)")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate, cosine decay per iteration "
+                                                          "(paper 0.1; the authors' scripts 0.01)")
+    p.add_argument("--threshold", type=float, default=d.threshold,
+                   help="positions closer than this are positives (default 0.1)")
+    p.add_argument("--decoder-blocks", type=int, default=d.decoder_blocks, help="N decoder stages pretrained")
+    p.add_argument("--lambdas", type=lambda s: _floats(s, 3), default=d.loss_weights,
+                   help="weights of Lg,Ld,LER (default 1,0.5,1); 0 switches a loss off")
+    p.add_argument("--tau", type=float, default=d.tau, help="temperature (default 0.1)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="data loading processes")
+    p.add_argument("--c", dest="continue_training", action="store_true",
+                   help="continue from checkpoint_latest.pth in the output folder")
+    g = p.add_argument_group("method, baselines and ablations (METHOD.md)")
+    g.add_argument("--method", default=d.method, choices=["macl", "pcl", "simclr"])
+    g.add_argument("--dense-form", default=d.dense_form, choices=["supcon", "mse", "byol"])
+    g.add_argument("--encoder", dest="encoder_mode", default=d.encoder_mode,
+                   choices=["shared", "independent", "ema"], help="auxiliary-branch encoder")
+    g.add_argument("--two-stage", action="store_true", help="Lg on the encoder first, then Ld with it frozen")
+    g.add_argument("--global-on-encoder", action="store_true",
+                   help="dominant image-level projection from the encoder (paper eq. 9) instead of the decoder")
+    g.add_argument("--intensity-aug", action="store_true",
+                   help="add brightness/contrast/gamma/noise jitter to all views (authors' code)")
+    g.add_argument("--base-temperature", type=float, default=None,
+                   help="multiply losses by tau/base_temperature (authors' code uses 0.07)")
+    o = p.add_argument_group("data and engineering")
+    o.add_argument("--crop-size", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
+                   help="crop per axis, e.g. 64,64 (default: the plan's patch size made divisible)")
+    o.add_argument("--patches-per-case", type=int, default=d.patches_per_case, help="3-D configurations")
+    o.add_argument("--save-every", type=int, default=d.save_every, help="write checkpoint_latest.pth every K epochs")
+    o.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    o.add_argument("--compile", action="store_true", help="torch.compile the model")
+    o.add_argument("--channels-last", action="store_true")
+    o.add_argument("--per-gpu-negatives", action="store_true",
+                   help="multi-GPU: negatives from each GPU's batch only (the authors' behaviour)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MACLConfig:
+    return MACLConfig(
+        method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
+        tau=args.tau, base_temperature=args.base_temperature, decoder_blocks=args.decoder_blocks,
+        loss_weights=tuple(args.lambdas), dense_form=args.dense_form, encoder_mode=args.encoder_mode,
+        two_stage=args.two_stage, global_through_decoder=not args.global_on_encoder,
+        intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,
+        patches_per_case=args.patches_per_case, seed=args.seed, num_workers=args.num_workers,
+        save_every=args.save_every, amp=not args.no_amp, compile=args.compile, channels_last=args.channels_last,
+        global_negatives=not args.per_gpu_negatives)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nnunetv2_macl.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        folder = run_pretraining(args.dataset, args.configuration, args.plans, config_from_args(args), args.device,
+                                 args.continue_training)
+    except USER_ERRORS as e:
+        print(f"macl_pretrain: error: {e}", file=sys.stderr)
+        return 2
+    print(f"MACL pretraining finished. Weights for fine-tuning: {os.path.join(folder, 'checkpoint_final.pth')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

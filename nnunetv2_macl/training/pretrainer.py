@@ -1,0 +1,438 @@
+"""MACLPretrainer: self-supervised MACL pretraining of the network nnU-Net builds from its plans.
+
+Shaped like nnU-Net's ``nnUNetTrainer``: ``initialize()`` builds everything, ``run_training()``
+loops over epochs with ``on_*`` hooks, and each phase is a method a subclass can override
+(``build_network``, ``configure_optimizers``, ``get_dataloader``, ``train_step``, ...).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import nnunetv2_macl
+from nnunetv2_macl.data.augmentation import RandomIntensityTransform, RandomSpatialTransform
+from nnunetv2_macl.data.slice_dataset import (
+    DatasetError, EpochPermutationSampler, PretrainPatchDataset, PretrainSliceDataset)
+from nnunetv2_macl.losses import MultiLevelContrastiveLoss
+from nnunetv2_macl.model.macl_network import MACLNetwork, pretrained_prefixes, required_divisor
+from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint_atomic
+from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
+from nnunetv2_macl.training.progress import plot_progress
+
+PRETRAINER_NAME = "MACLPretrainer"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the component."""
+
+
+def output_folder_name(plans_identifier: str, configuration: str) -> str:
+    return f"{PRETRAINER_NAME}__{plans_identifier}__{configuration}"
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], [int(i) for i in np_state[1]], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class MACLPretrainer:
+    """Pretrain the encoder and the first N decoder stages of an nnU-Net network with MACL.
+
+    Args:
+        plans: the plans dict (``nnUNetPlans.json``).
+        configuration: e.g. "2d" or "3d_fullres".
+        dataset_json: the dataset's ``dataset.json`` (input channels, labels for the head count).
+        preprocessed_dataset_folder: ``$nnUNet_preprocessed/DatasetXXX_Name``.
+        output_folder: where checkpoints and logs go.
+        config: :class:`MACLConfig`.
+        device: torch device.
+    """
+
+    def __init__(self, plans: dict, configuration: str, dataset_json: dict, preprocessed_dataset_folder: str,
+                 output_folder: str, config: MACLConfig, device: torch.device = torch.device("cpu"),
+                 rank: int = 0, world_size: int = 1) -> None:
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        self.config = resolve_method(config)
+        self.plans_manager = PlansManager(plans)
+        if configuration not in plans["configurations"]:
+            raise ConfigError(f"Configuration {configuration!r} is not in plans {self.plans_manager.plans_name!r}; "
+                              f"available: {sorted(plans['configurations'])}")
+        self.configuration_name = configuration
+        self.configuration_manager = self.plans_manager.get_configuration(configuration)
+        self.dataset_json = dataset_json
+        self.dataset_name = plans.get("dataset_name", os.path.basename(preprocessed_dataset_folder))
+        self.preprocessed_dataset_folder = preprocessed_dataset_folder
+        self.data_folder = os.path.join(preprocessed_dataset_folder, self.configuration_manager.data_identifier)
+        self.output_folder = output_folder
+        self.device = device
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.current_epoch = 0
+        self.was_initialized = False
+        self.logging: dict[str, list] = {k: [] for k in ("epoch", "Lg", "Ld", "LER", "total", "lr", "epoch_time")}
+        self.log_file: str | None = None
+        self.amp_dtype = None
+        if device.type == "cuda" and self.config.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    # -- building -----------------------------------------------------------------------------
+    def initialize(self) -> None:
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+        if not os.path.isdir(self.data_folder):
+            raise DatasetError(
+                f"Dataset {self.dataset_name} is not preprocessed for configuration {self.configuration_name!r} "
+                f"(missing {self.data_folder}). Run: nnUNetv2_plan_and_preprocess -d <ID> -c {self.configuration_name}"
+                + (f" -p {self.plans_manager.plans_name}" if self.plans_manager.plans_name != "nnUNetPlans" else ""))
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
+        self.network = self.build_network().to(self.device)
+        if cfg.channels_last and self.network.encoder.conv_op is nn.Conv2d:
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self.macl = MACLNetwork(self.network, cfg.decoder_blocks, global_through_decoder=cfg.global_through_decoder,
+                                encoder_mode=cfg.encoder_mode, ema_momentum=cfg.ema_momentum).to(self.device)
+        self.crop_size = self.determine_crop_size()
+        self.loss = MultiLevelContrastiveLoss(cfg.loss_weights, cfg.threshold, cfg.tau, cfg.positives,
+                                              cfg.dense_form, cfg.base_temperature)
+        self.dataset = self.get_dataset()
+        if self.dataset.num_channels != self.num_input_channels:
+            raise DatasetError(f"Preprocessed data has {self.dataset.num_channels} channels but the plans/dataset.json "
+                               f"declare {self.num_input_channels}")
+        if len(self.dataset) < cfg.batch_size * self.world_size:
+            raise DatasetError(f"The dataset has only {len(self.dataset)} samples per epoch, fewer than the batch size "
+                               f"{cfg.batch_size} x {self.world_size} process(es); lower --batch-size")
+        self.dataloader = self.get_dataloader()
+        self.iterations_per_epoch = len(self.dataloader)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        self.grad_scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None)
+        self.spatial_transform = RandomSpatialTransform(cfg.rotation_degrees, tuple(cfg.scale_range), cfg.translation)
+        self.intensity_transform = RandomIntensityTransform() if cfg.intensity_augmentation else None
+        self.train_module: nn.Module = self.macl
+        if cfg.compile:
+            self.train_module = torch.compile(self.macl)
+        if self.world_size > 1:
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.was_initialized = True
+
+    def build_network(self) -> nn.Module:
+        """The exact network fine-tuning will use (same class, kwargs, input channels)."""
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+        cm = self.configuration_manager
+        return get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                      cm.network_arch_init_kwargs_req_import, self.num_input_channels,
+                                      self.label_manager.num_segmentation_heads, allow_init=True,
+                                      deep_supervision=True)
+
+    def determine_crop_size(self) -> list[int]:
+        """The plan's patch size rounded up to a multiple d of stride x 1/lambda, and at least 2 d so
+        that the dominant branch's bottleneck keeps more than one voxel per axis (instance norm needs
+        that); a user's crop must satisfy the same rule."""
+        divisor = required_divisor(self.network, self.config.decoder_blocks)
+        if self.config.crop_size is not None:
+            crop = [int(c) for c in self.config.crop_size]
+            if len(crop) != len(divisor):
+                raise ConfigError(f"--crop-size needs {len(divisor)} values for configuration "
+                                  f"{self.configuration_name!r}, got {crop}")
+            if any(c < 2 * d or c % d for c, d in zip(crop, divisor)):
+                raise ConfigError(
+                    f"Crop {crop} is too small or not divisible for this network: each axis must be a multiple of "
+                    f"stride x 1/lambda = {divisor} and at least twice it ({[2 * d for d in divisor]}) "
+                    f"(N = {self.config.decoder_blocks} decoder blocks)")
+            return crop
+        patch = self.configuration_manager.patch_size
+        return [max(int(math.ceil(p / d) * d), 2 * d) for p, d in zip(patch, divisor)]
+
+    def get_dataset(self):
+        ndim = len(self.configuration_manager.patch_size)
+        if ndim == 2:
+            return PretrainSliceDataset(self.data_folder, self.crop_size, seed=self.config.seed)
+        return PretrainPatchDataset(self.data_folder, self.crop_size, patches_per_case=self.config.patches_per_case,
+                                    seed=self.config.seed)
+
+    def get_dataloader(self) -> DataLoader:
+        self.sampler = EpochPermutationSampler(len(self.dataset), self.config.seed, self.rank, self.world_size)
+        workers = self.config.num_workers
+        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=self.sampler, drop_last=True,
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def configure_optimizers(self):
+        cfg = self.config
+        params = [p for p in self.macl.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        total = max(1, cfg.epochs * self.iterations_per_epoch)
+        # cosine decay per iteration (paper)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
+        return optimizer, scheduler
+
+    # -- stages / switches --------------------------------------------------------------------
+    def active_weights(self) -> tuple[float, float, float]:
+        """Loss weights for the current epoch (two-stage: Lg first, then Ld with a frozen encoder)."""
+        w = tuple(self.config.loss_weights)
+        if not self.config.two_stage:
+            return w
+        if self.current_epoch < self.config.epochs // 2:
+            return (w[0] or 1.0, 0.0, 0.0)
+        return (0.0, w[1] or 0.5, 0.0)
+
+    def needed_outputs(self, weights) -> tuple[str, ...]:
+        names = ("global", "dense", "equivariance")
+        return tuple(n for n, w in zip(names, weights) if w > 0)
+
+    # -- logging ------------------------------------------------------------------------------
+    def print_to_log_file(self, *args: Any, also_print_to_console: bool = True) -> None:
+        if not self.is_main:
+            return
+        msg = " ".join(str(a) for a in args)
+        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
+        if self.log_file is not None:
+            with open(self.log_file, "a") as f:
+                f.write(f"{stamp}: {msg}\n")
+        if also_print_to_console:
+            print(msg, flush=True)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        if self.is_main:
+            os.makedirs(self.output_folder, exist_ok=True)
+            if not os.access(self.output_folder, os.W_OK):
+                raise PermissionError(f"Output folder is not writable: {self.output_folder}")
+            if self.log_file is None:
+                self.log_file = os.path.join(self.output_folder,
+                                             f"training_log_{datetime.now().strftime('%Y_%m_%d_%H_%M_%S')}.txt")
+            cfg = self.config
+            self.print_to_log_file(
+                f"MACL pretraining ({cfg.method}) of {self.configuration_manager.network_arch_class_name} on "
+                f"{self.dataset_name} / {self.configuration_name}: {len(self.dataset)} samples per epoch, "
+                f"crop {self.crop_size}, N = {cfg.decoder_blocks} decoder blocks, lambda = {self.macl.scale}, "
+                f"weights (Lg, Ld, LER) = {tuple(cfg.loss_weights)}, t = {cfg.threshold}, tau = {cfg.tau}, "
+                f"batch {cfg.batch_size}, lr {cfg.lr}, {cfg.epochs} epochs, device {self.device}"
+                + (f", autocast {self.amp_dtype}" if self.amp_dtype else ""))
+            with open(os.path.join(self.output_folder, "macl_config.json"), "w") as f:
+                json.dump(self.config.to_dict(), f, indent=2)
+
+    def on_epoch_start(self) -> None:
+        self.sampler.set_epoch(self.current_epoch)
+        self.dataset.set_epoch(self.current_epoch)
+        # augmentation randomness is a function of (seed, epoch): a resumed run continues identically
+        self.aug_generator = torch.Generator().manual_seed(self.config.seed * 7919 + self.current_epoch * 104729
+                                                           + self.rank)
+        weights = self.active_weights()
+        self.loss.weights = weights
+        if self.config.two_stage:
+            freeze = self.current_epoch >= self.config.epochs // 2
+            for p in self.network.encoder.parameters():
+                p.requires_grad_(not freeze)
+        self.epoch_start_time = time.time()
+
+    def train_step(self, images: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        images = images.to(self.device, non_blocking=True)
+        positions = positions.to(self.device, non_blocking=True)
+        if self.config.channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        need = self.needed_outputs(self.loss.weights)
+        with torch.no_grad():
+            # T_fix = identity (paper's best); T_var drawn independently per view and sample
+            v1 = self.spatial_transform(images, generator=self.aug_generator) if "global" in need else images
+            v2 = self.spatial_transform(images, generator=self.aug_generator) if "global" in need else images
+            i1 = i2 = images
+            if self.intensity_transform is not None:
+                i1, i2, v1, v2 = (self.intensity_transform(t, generator=self.aug_generator) for t in (i1, i2, v1, v2))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            outputs = self.train_module(i1, v1, i2, v2, need=need)
+        outputs = {k: self.gather(v) for k, v in outputs.items()} if self.world_size > 1 else outputs
+        if self.world_size > 1 and self.config.global_negatives:
+            positions = self.gather(positions)
+        total, components = self.loss(outputs, positions)
+        components = {k: v for k, v in components.items()}
+        components["total"] = total.detach()
+        self.check_finite(components)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.macl.update_ema()
+        return components
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Multi-GPU: concatenate a tensor over processes (gradients preserved for the local part)
+        when global negatives are on; identity otherwise."""
+        if self.world_size == 1 or not self.config.global_negatives:
+            return t
+        from nnunetv2_macl.training.distributed import all_gather_with_grad
+        return all_gather_with_grad(t)
+
+    def check_finite(self, components: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([components[k].float() for k in ("Lg", "Ld", "LER", "total")])
+        if bool(torch.isfinite(values).all()):  # one host sync per step, shared with progress logging
+            return
+        bad = [k for k, v in zip(("Lg", "Ld", "LER", "total"), values.tolist()) if not math.isfinite(v)]
+        step = self.current_epoch * self.iterations_per_epoch + self._iteration
+        latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
+        kept = (f"the last good checkpoint {latest} is kept" if os.path.isfile(latest)
+                else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"Non-finite loss at epoch {self.current_epoch}, iteration {self._iteration} (global step {step}): "
+            + ", ".join(f"{k} = {components[k].item()}" for k in bad)
+            + f". Training stopped; {kept}. Try a lower --lr.")
+
+    def on_epoch_end(self, sums: dict[str, float], n: int) -> None:
+        epoch_time = time.time() - self.epoch_start_time
+        means = {k: sums[k] / max(n, 1) for k in ("Lg", "Ld", "LER", "total")}
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.logging["epoch"].append(self.current_epoch)
+        for k, v in means.items():
+            self.logging[k].append(v)
+        self.logging["lr"].append(lr)
+        self.logging["epoch_time"].append(epoch_time)
+        self.print_to_log_file(
+            f"Epoch {self.current_epoch + 1}/{self.config.epochs}: total {means['total']:.4f} | Lg {means['Lg']:.4f} "
+            f"| Ld {means['Ld']:.4f} | LER {means['LER']:.4f} | lr {lr:.5f} | {epoch_time:.1f} s")
+        self.current_epoch += 1
+        if self.is_main:
+            plot_progress(self.logging, os.path.join(self.output_folder, "progress.png"))
+            if self.current_epoch % self.config.save_every == 0 and self.current_epoch < self.config.epochs:
+                self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+
+    def on_train_end(self) -> None:
+        if self.is_main:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_final.pth"))
+            self.print_to_log_file(f"Wrote {os.path.join(self.output_folder, 'checkpoint_final.pth')}")
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run_training(self) -> None:
+        from tqdm import tqdm
+
+        self.on_train_start()
+        while self.current_epoch < self.config.epochs:
+            self.on_epoch_start()
+            self.train_module.train()
+            sums = {k: 0.0 for k in ("Lg", "Ld", "LER", "total")}
+            n = 0
+            bar = tqdm(self.dataloader, desc=f"epoch {self.current_epoch + 1}/{self.config.epochs}",
+                       disable=not self.is_main, leave=False, file=sys.stderr, mininterval=1.0)
+            for self._iteration, (images, positions) in enumerate(bar):
+                components = self.train_step(images, positions)
+                values = torch.stack([components[k].float() for k in sums]).tolist()
+                for k, v in zip(sums, values):
+                    sums[k] += v
+                n += 1
+                bar.set_postfix(loss=f"{sums['total'] / n:.4f}", refresh=False)
+            bar.close()
+            self.on_epoch_end(sums, n)
+        self.on_train_end()
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def macl_metadata(self) -> dict:
+        cm = self.configuration_manager
+        cfg = self.config
+        return {
+            "plans_identifier": self.plans_manager.plans_name,
+            "configuration": self.configuration_name,
+            "dataset_name": self.dataset_name,
+            "network_arch_class_name": cm.network_arch_class_name,
+            "network_arch_init_kwargs": json.loads(json.dumps(cm.network_arch_init_kwargs)),
+            "network_arch_init_kwargs_req_import": list(cm.network_arch_init_kwargs_req_import),
+            "input_channels": int(self.num_input_channels),
+            "num_segmentation_heads": int(self.label_manager.num_segmentation_heads),
+            "decoder_blocks": int(cfg.decoder_blocks),
+            "pretrained_prefixes": pretrained_prefixes(cfg.decoder_blocks),
+            "lambda": [float(s) for s in self.macl.scale],
+            "crop_size": [int(c) for c in self.crop_size],
+            "loss_weights": [float(w) for w in cfg.loss_weights],
+            "threshold": float(cfg.threshold),
+            "tau": float(cfg.tau),
+            "method": cfg.method,
+            "epochs": int(cfg.epochs),
+            "epoch": int(self.current_epoch),
+            "package_version": nnunetv2_macl.__version__,
+            "config": cfg.to_dict(),
+        }
+
+    def save_checkpoint(self, path: str) -> None:
+        ckpt = {
+            "network_weights": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
+            "macl": self.macl_metadata(),
+            "heads": {k: v.detach().cpu() for k, v in self.macl.heads_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "rng": _rng_state(),
+            "logging": {k: [float(x) for x in v] for k, v in self.logging.items()},
+        }
+        save_checkpoint_atomic(ckpt, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (weights_only load)."""
+        if not self.was_initialized:
+            self.initialize()
+        ckpt = load_checkpoint(path, map_location=self.device)
+        meta = ckpt.get("macl")
+        if meta is None or "network_weights" not in ckpt:
+            raise CheckpointError(f"{path} is not a MACL pretraining checkpoint (no 'macl'/'network_weights' entries)")
+        mine = self.macl_metadata()
+        for key in ("plans_identifier", "configuration", "network_arch_class_name", "decoder_blocks", "method"):
+            if meta.get(key) != mine[key]:
+                raise CheckpointError(f"Cannot resume from {path}: it was written with {key} = {meta.get(key)!r}, "
+                                      f"this run uses {mine[key]!r}")
+        try:
+            self.network.load_state_dict(ckpt["network_weights"], strict=True)
+            self.macl.load_state_dict({**{"network." + k: v for k, v in ckpt["network_weights"].items()},
+                                       **ckpt["heads"]}, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"Cannot resume from {path}: {str(e).splitlines()[0]} "
+                                  f"{' '.join(str(e).splitlines()[1:3])}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if self.grad_scaler is not None and ckpt.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(ckpt["grad_scaler"])
+        if ckpt.get("rng"):
+            _set_rng_state(ckpt["rng"])
+        self.logging = {k: list(v) for k, v in ckpt.get("logging", {}).items()} or self.logging
+        self.current_epoch = int(meta["epoch"])
+        self.print_to_log_file(f"Resumed from {path} at epoch {self.current_epoch}")

@@ -1,0 +1,14 @@
+"""Pretrained checkpoint -> nnU-Net network: lenient, reported transfer with input-channel adaptation."""
+from nnunetv2_macl.transfer.find_checkpoint import CheckpointNotFoundError, find_default_checkpoint
+from nnunetv2_macl.transfer.load_pretrained import (
+    IncompatibleCheckpointError,
+    TransferReport,
+    load_weights_only,
+    safe_load_pretrained_weights,
+    transfer_pretrained_weights,
+)
+
+__all__ = [
+    "CheckpointNotFoundError", "IncompatibleCheckpointError", "TransferReport", "find_default_checkpoint",
+    "load_weights_only", "safe_load_pretrained_weights", "transfer_pretrained_weights",
+]

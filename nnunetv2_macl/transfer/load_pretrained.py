@@ -1,0 +1,423 @@
+"""Checkpoint -> nnU-Net network: lenient, reported transfer of pretrained weights.
+
+What is transferred (``/work/shared/METHOD.md``, "What is handed to fine-tuning"): the tensors a MACL
+pretraining trained (the checkpoint's ``macl.pretrained_prefixes``, by default the encoder plus
+``decoder.stages.i`` / ``decoder.transpconvs.i`` for ``i < macl.decoder_blocks``), matched by exact
+state_dict key and shape. The segmentation layers and the untrained decoder stages keep their
+initialisation. A checkpoint without a ``macl`` block (e.g. an nnU-Net ``checkpoint_final.pth``
+given to ``-pretrained_weights``) is treated the way nnU-Net treats it: everything except the
+segmentation layers is a candidate.
+
+Every tensor of the network is accounted for in a :class:`TransferReport`: loaded, adapted (the
+first convolution when the number of input channels differs) or skipped with the reason
+("not pretrained", "shape mismatch", "missing in checkpoint"). When nothing, or less than
+``min_fraction`` of the encoder's tensors, fits, :class:`IncompatibleCheckpointError` is raised and
+the network is left untouched, so that a wrong checkpoint never turns silently into training from
+scratch.
+
+Reading is always ``weights_only`` (no arbitrary unpickling, see :func:`load_weights_only`).
+
+Parameter aliases: nnU-Net's networks expose one tensor under several state_dict keys
+(``...convs.0.conv.weight`` is ``...convs.0.all_modules.0.weight``; ``decoder.encoder.*`` is
+``encoder.*``). The report counts each tensor once, under its first key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint
+
+SEG_LAYER_MARK = "seg_layers."
+ENCODER_PREFIX = "encoder."
+
+REASON_NOT_PRETRAINED = "not pretrained"
+REASON_SEG_HEAD = "not pretrained (segmentation head, kept at initialisation)"
+REASON_SHAPE = "shape mismatch"
+REASON_MISSING = "missing in checkpoint"
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """The checkpoint does not fit the network (too few tensors match); the message names the keys."""
+
+
+# --------------------------------------------------------------------------------------------------
+# safe reading
+# --------------------------------------------------------------------------------------------------
+def numpy_scalar_safe_globals() -> list:
+    """The minimal allow-list needed to read nnU-Net's own checkpoints with ``weights_only=True``.
+
+    nnU-Net stores its training log (``logging``: losses from ``np.mean``, Dice from ``np.nanmean``)
+    and ``_best_ema`` as numpy scalars. A numpy scalar pickles as
+    ``numpy._core.multiarray.scalar(numpy.dtype(<code>), <raw bytes>)``; allowing exactly that
+    function, ``numpy.dtype`` and the plain numeric/bool dtype classes lets these values be rebuilt
+    without permitting any other callable (no ndarray reconstruction, no object dtype classes).
+    """
+    try:
+        scalar = np._core.multiarray.scalar  # numpy >= 2
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        scalar = np.core.multiarray.scalar
+    allowed = [scalar, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
+                     "Int16DType", "Int8DType", "UInt8DType", "BoolDType"):
+            if hasattr(dtypes, name):
+                allowed.append(getattr(dtypes, name))
+    return allowed
+
+
+def load_weights_only(path: str, map_location="cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` (through ``training.checkpoint.load_checkpoint``).
+
+    Accepts MACL checkpoints and nnU-Net's own checkpoints (whose numpy scalars are rebuilt under the
+    explicit allow-list of :func:`numpy_scalar_safe_globals`). Anything that would need arbitrary
+    unpickling raises :class:`~nnunetv2_macl.training.checkpoint.CheckpointError`; nothing in the
+    file is executed.
+    """
+    path = os.fspath(path)
+    with torch.serialization.safe_globals(numpy_scalar_safe_globals()):
+        return load_checkpoint(path, map_location=map_location)
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TransferReport:
+    """Outcome of :func:`transfer_pretrained_weights`; keys are the network's state_dict keys."""
+
+    source: str = "<dict>"
+    loaded: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    adapted: dict[str, str] = field(default_factory=dict)
+    unused_checkpoint_keys: list[str] = field(default_factory=list)
+    encoder_loaded: int = 0
+    encoder_total: int = 0
+    pretrained_prefixes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_total(self) -> int:
+        return len(self.loaded) + len(self.skipped)
+
+    def skipped_by_reason(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for k, r in self.skipped.items():
+            out.setdefault(_reason_kind(r), []).append(k)
+        return out
+
+    def summary(self) -> str:
+        by_reason = self.skipped_by_reason()
+        counts = ", ".join(f"{len(v)} {k}" for k, v in by_reason.items()) or "none"
+        lines = [
+            f"MACL weight transfer from {self.source}",
+            f"  loaded {len(self.loaded)} of {self.num_total} tensors "
+            f"(encoder {self.encoder_loaded}/{self.encoder_total}, "
+            f"decoder {sum(1 for k in self.loaded if k.startswith('decoder.'))}); "
+            f"adapted {len(self.adapted)}; skipped {len(self.skipped)} ({counts})",
+        ]
+        if self.pretrained_prefixes is not None:
+            lines.append(f"  pretrained prefixes: {', '.join(self.pretrained_prefixes)}")
+        for k, how in self.adapted.items():
+            lines.append(f"  adapted {k}: {how}")
+        for kind, keys in by_reason.items():
+            if kind == REASON_SHAPE:
+                shown = keys[:20]
+                for k in shown:
+                    lines.append(f"  skipped {k}: {self.skipped[k]}")
+                if len(keys) > len(shown):
+                    lines.append(f"  ... and {len(keys) - len(shown)} more shape mismatches")
+            else:
+                lines.append(f"  skipped ({kind}): {_compress_keys(keys)}")
+        if self.unused_checkpoint_keys:
+            lines.append(f"  {len(self.unused_checkpoint_keys)} checkpoint tensors have no counterpart in the "
+                         f"network: {_compress_keys(self.unused_checkpoint_keys)}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    for kind in (REASON_SHAPE, REASON_MISSING, REASON_NOT_PRETRAINED):
+        if reason.startswith(kind):
+            return kind
+    return reason
+
+
+def _group_of(key: str) -> str:
+    """``decoder.stages.2.convs.0.conv.weight`` -> ``decoder.stages.2`` (module group for compact listings)."""
+    parts = key.split(".")
+    return ".".join(parts[:3]) if len(parts) > 3 else key
+
+
+def _compress_keys(keys: Iterable[str]) -> str:
+    groups: dict[str, int] = {}
+    for k in keys:
+        g = _group_of(k)
+        groups[g] = groups.get(g, 0) + 1
+    return ", ".join(f"{g}.* ({n})" if n > 1 or g not in keys else g for g, n in groups.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# transfer
+# --------------------------------------------------------------------------------------------------
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    mod = network
+    for _ in range(8):
+        if isinstance(mod, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            mod = mod.module
+        elif hasattr(mod, "_orig_mod") and isinstance(getattr(mod, "_orig_mod"), nn.Module):
+            mod = mod._orig_mod
+        else:
+            break
+    return mod
+
+
+def _strip_wrapper_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in ("module.", "_orig_mod."):
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _split_checkpoint(checkpoint: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Return (state_dict with wrapper prefixes removed, macl metadata or None)."""
+    meta = checkpoint.get("macl") if isinstance(checkpoint.get("macl"), dict) else None
+    if isinstance(checkpoint.get("network_weights"), dict):
+        raw = checkpoint["network_weights"]
+    elif isinstance(checkpoint.get("state_dict"), dict):
+        raw = checkpoint["state_dict"]
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raw = checkpoint
+    else:
+        raise IncompatibleCheckpointError(
+            "The checkpoint holds no network weights (expected a 'network_weights' state_dict as written by "
+            f"MACL pretraining or nnU-Net; top-level keys: {sorted(map(str, checkpoint))[:10]})")
+    weights = {}
+    for k, v in raw.items():
+        if isinstance(v, torch.Tensor):
+            weights[_strip_wrapper_prefixes(str(k))] = v
+    return weights, meta
+
+
+def pretrained_prefixes_from_meta(meta: dict | None) -> list[str] | None:
+    """The key prefixes a MACL checkpoint trained; None when the checkpoint has no MACL metadata."""
+    if not meta:
+        return None
+    prefixes = meta.get("pretrained_prefixes")
+    if prefixes:
+        return [str(p) for p in prefixes]
+    if "decoder_blocks" in meta:
+        n = int(meta["decoder_blocks"])
+        return [ENCODER_PREFIX] + [f"decoder.stages.{i}." for i in range(n)] + \
+            [f"decoder.transpconvs.{i}." for i in range(n)]
+    return None
+
+
+def _alias_groups(mod: nn.Module) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """canonical key -> all keys of the same tensor (canonical first), canonical key -> tensor."""
+    groups: dict[str, list[str]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for k, t in mod.state_dict(keep_vars=True).items():
+        canon = seen.get(id(t))
+        if canon is None:
+            seen[id(t)] = k
+            groups[k] = [k]
+            tensors[k] = t
+        else:
+            groups[canon].append(k)
+    return groups, tensors
+
+
+def _first_conv_key(weights: dict[str, torch.Tensor], in_channels: int | None) -> str | None:
+    """First 4-D/5-D encoder weight (in checkpoint order) whose in-channels equal ``in_channels``."""
+    for k, v in weights.items():
+        if k.startswith(ENCODER_PREFIX) and k.endswith("weight") and v.ndim in (4, 5):
+            if in_channels is None or v.shape[1] == in_channels:
+                return k
+    return None
+
+
+def adapt_input_channels(weight: torch.Tensor, in_new: int) -> tuple[torch.Tensor, str]:
+    """Adapt a first-convolution weight ``[out, in_pre, *k]`` to ``in_new`` input channels.
+
+    Fewer channels: the mean over the pretrained channels, repeated ``in_new`` times. More channels:
+    the pretrained channels repeated cyclically, scaled by ``in_pre / in_new`` so that the response to
+    an input whose channels are alike keeps its magnitude. (nnU-Net normalises right after this
+    convolution, so the scale matters little; the pattern of the filters is what transfers.)
+    """
+    in_pre = weight.shape[1]
+    if in_new < in_pre:
+        w = weight.mean(dim=1, keepdim=True).repeat(1, in_new, *([1] * (weight.ndim - 2)))
+        how = f"input channels {in_pre} -> {in_new}: mean over the {in_pre} pretrained channels, repeated"
+    else:
+        idx = torch.arange(in_new) % in_pre
+        w = weight[:, idx] * (in_pre / in_new)
+        how = (f"input channels {in_pre} -> {in_new}: pretrained channels repeated cyclically, "
+               f"scaled by {in_pre}/{in_new}")
+    return w, how
+
+
+def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_fraction: float = 0.5,
+                                log: Callable[..., object] | None = print) -> TransferReport:
+    """Copy the pretrained tensors of ``checkpoint`` into ``network`` (in place) and report what happened.
+
+    ``checkpoint``: a path (read with ``weights_only=True``) or an already loaded dict (a MACL or nnU-Net
+    checkpoint with ``network_weights``, or a bare state_dict). ``network`` may be wrapped in DDP and/or
+    torch.compile. Raises :class:`IncompatibleCheckpointError` (network untouched) when nothing fits or
+    fewer than ``min_fraction`` of the encoder's tensors fit; the message names the first mismatched
+    keys. ``log`` (e.g. ``trainer.print_to_log_file``) receives the report summary; None to stay quiet.
+    """
+    source = "<dict>"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.path.abspath(os.fspath(checkpoint))
+        checkpoint = load_weights_only(source)
+    if not isinstance(checkpoint, dict):
+        raise IncompatibleCheckpointError(f"Expected a checkpoint dict or path, got {type(checkpoint).__name__}")
+    weights, meta = _split_checkpoint(checkpoint)
+    mod = unwrap_network(network)
+    groups, tensors = _alias_groups(mod)
+    prefixes = pretrained_prefixes_from_meta(meta)
+
+    report = TransferReport(source=source, pretrained_prefixes=prefixes)
+    if meta:
+        arch = str(meta.get("network_arch_class_name", ""))
+        if arch and arch.split(".")[-1] != type(mod).__name__:
+            report.notes.append(f"checkpoint architecture {arch} differs from the network's {type(mod).__name__}")
+
+    # first convolution of the pretrained network (for input-channel adaptation)
+    in_pre = None
+    if meta and meta.get("input_channels") is not None:
+        in_pre = int(meta["input_channels"])
+    first_conv = _first_conv_key(weights, in_pre)
+    if first_conv is not None and in_pre is None:
+        in_pre = int(weights[first_conv].shape[1])
+
+    to_copy: list[tuple[torch.Tensor, torch.Tensor]] = []
+    used_ckpt_keys: set[str] = set()
+    mismatches: list[str] = []  # human-readable, encoder first
+    enc_keys = [c for c, names in groups.items() if any(n.startswith(ENCODER_PREFIX) for n in names)]
+    if not enc_keys:  # an architecture without an 'encoder.' submodule: judge on all non-head tensors
+        enc_keys = [c for c, names in groups.items() if not any(SEG_LAYER_MARK in n for n in names)]
+    enc_set = set(enc_keys)
+
+    for canon, names in groups.items():
+        for n in names:
+            if n in weights:
+                used_ckpt_keys.add(n)
+        if any(n.startswith(SEG_LAYER_MARK) or ("." + SEG_LAYER_MARK) in n for n in names):
+            report.skipped[canon] = REASON_SEG_HEAD
+            continue
+        if prefixes is not None and not any(n.startswith(p) for n in names for p in prefixes):
+            report.skipped[canon] = f"{REASON_NOT_PRETRAINED} (outside the checkpoint's pretrained prefixes)"
+            continue
+        ck = next((n for n in names if n in weights), None)
+        target = tensors[canon]
+        if ck is None:
+            report.skipped[canon] = REASON_MISSING
+            mismatches.append(f"{canon} (missing in checkpoint)")
+            continue
+        value = weights[ck]
+        if tuple(value.shape) == tuple(target.shape):
+            to_copy.append((target, value))
+            report.loaded.append(canon)
+            continue
+        if (ck == first_conv and value.ndim == target.ndim and value.shape[0] == target.shape[0]
+                and tuple(value.shape[2:]) == tuple(target.shape[2:]) and value.shape[1] != target.shape[1]):
+            adapted, how = adapt_input_channels(value.detach().float(), int(target.shape[1]))
+            to_copy.append((target, adapted))
+            report.loaded.append(canon)
+            report.adapted[canon] = how
+            continue
+        report.skipped[canon] = (f"{REASON_SHAPE} (checkpoint {list(value.shape)} vs network "
+                                 f"{list(target.shape)})")
+        mismatches.append(f"{canon} (checkpoint {list(value.shape)} vs network {list(target.shape)})")
+
+    all_names = {n for names in groups.values() for n in names}
+    report.unused_checkpoint_keys = [k for k in weights if k not in all_names]
+    report.encoder_total = len(enc_keys)
+    report.encoder_loaded = sum(1 for k in report.loaded if k in enc_set)
+
+    frac = report.encoder_loaded / max(1, report.encoder_total)
+    if not report.loaded or frac < min_fraction:
+        enc_first = sorted(mismatches, key=lambda s: 0 if s.split(" ")[0] in enc_set else 1)
+        shown = "; ".join(enc_first[:5]) or "none"
+        extra = (f" Checkpoint keys absent from the network include: "
+                 f"{', '.join(report.unused_checkpoint_keys[:5])}." if report.unused_checkpoint_keys else "")
+        arch = f" ({report.notes[0]})" if report.notes else ""
+        raise IncompatibleCheckpointError(
+            f"Pretrained checkpoint {source} does not fit the network{arch}: only {report.encoder_loaded} of "
+            f"{report.encoder_total} encoder tensors ({frac:.0%}; required {min_fraction:.0%}) and "
+            f"{len(report.loaded)} tensors in total match by name and shape. First mismatched keys: {shown}.{extra} "
+            f"Pretrain with the same plans and configuration (for another dataset: "
+            f"nnUNetv2_move_plans_between_datasets) or choose another checkpoint. Refusing to continue instead "
+            f"of silently training from scratch.")
+
+    with torch.no_grad():
+        for target, value in to_copy:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+    if log is not None:
+        log(report.summary())
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# nnU-Net's -pretrained_weights, made safe and lenient
+# --------------------------------------------------------------------------------------------------
+PRETRAINED_SOURCE_ATTR = "_macl_pretrained_weights_source"
+PRETRAINED_REPORT_ATTR = "_macl_pretrained_weights_report"
+
+
+def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = False) -> TransferReport:
+    """Drop-in replacement for ``nnunetv2.run.load_pretrained_weights.load_pretrained_weights``.
+
+    Same signature. Differences: the file is read with ``weights_only=True`` (nnU-Net's version calls
+    ``torch.load(weights_only=False)``, i.e. unpickles arbitrary objects, which can execute code from
+    the file), and partial checkpoints (e.g. a MACL encoder + decoder-stage checkpoint) load the
+    matching tensors instead of failing an assertion on the first absent key; too little overlap
+    still fails loudly (:class:`IncompatibleCheckpointError`). The source and report are recorded on
+    the (unwrapped) network so that nnUNetTrainerMACL knows weights were given explicitly.
+    """
+    report = transfer_pretrained_weights(network, fname, log=print)
+    mod = unwrap_network(network)
+    setattr(mod, PRETRAINED_SOURCE_ATTR, report.source)
+    setattr(mod, PRETRAINED_REPORT_ATTR, report)
+    if verbose:
+        print("Loaded tensors: " + _compress_keys(report.loaded))
+    return report
+
+
+def install_safe_nnunet_pretrained_loader() -> None:
+    """Make ``nnUNetv2_train -pretrained_weights`` use :func:`safe_load_pretrained_weights`.
+
+    ``nnunetv2.run.run_training`` binds ``load_pretrained_weights`` at import
+    (``from nnunetv2.run.load_pretrained_weights import load_pretrained_weights``) and
+    ``maybe_load_checkpoint`` calls that module attribute *after* the trainer class was looked up,
+    so replacing it when the MACL trainer module is imported takes effect for the same run.
+    The source module's attribute is replaced too, for code that imports it later. Idempotent.
+    """
+    import nnunetv2.run.load_pretrained_weights as lpw
+    import nnunetv2.run.run_training as rt
+
+    rt.load_pretrained_weights = safe_load_pretrained_weights
+    lpw.load_pretrained_weights = safe_load_pretrained_weights
+
+
+__all__ = [
+    "CheckpointError", "IncompatibleCheckpointError", "TransferReport", "adapt_input_channels",
+    "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
+    "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
+    "unwrap_network",
+]

@@ -1,0 +1,479 @@
+"""Fast CPU tests of the MACL losses (nnunetv2_macl.losses).
+
+Expected values come from hand calculations or from the naive reference below (explicit
+per-anchor loops over python floats), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nnunetv2_macl.losses import (
+    DenseContrastiveLoss,
+    EquivarianceLoss,
+    GlobalContrastiveLoss,
+    MultiLevelContrastiveLoss,
+    PositionSupConLoss,
+    dense_contrastive_loss,
+    equivariance_loss,
+    global_contrastive_loss,
+    instance_positive_mask,
+    masked_supcon_loss,
+    position_positive_mask,
+)
+
+
+# ----------------------------------------------------------------------------- references
+def naive_supcon(features: torch.Tensor, positive: list[list[bool]], tau: float) -> float:
+    """METHOD.md's SupCon, written out anchor by anchor with python floats."""
+    f = [[float(x) for x in row] for row in features.double()]
+    f = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in f]
+    m = len(f)
+
+    def sim(a: int, b: int) -> float:
+        return sum(x * y for x, y in zip(f[a], f[b])) / tau
+
+    losses = []
+    for a in range(m):
+        pos = [b for b in range(m) if b != a and positive[a][b]]
+        if not pos:
+            continue
+        denominator = sum(math.exp(sim(a, k)) for k in range(m) if k != a)
+        losses.append(-sum(math.log(math.exp(sim(a, b)) / denominator) for b in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+def naive_position_positives(positions: list[float], threshold: float) -> list[list[bool]]:
+    m = len(positions)
+    return [[a != b and abs(positions[a] - positions[b]) < threshold for b in range(m)] for a in range(m)]
+
+
+def make_outputs(n: int = 4, seed: int = 0, requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "global_dominant": (n, 8),
+        "global_auxiliary": (n, 8),
+        "dense_dominant": (n, 5, 4, 4),
+        "dense_auxiliary": (n, 5, 4, 4),
+        "bottleneck_dominant": (n, 6, 2, 2),
+        "bottleneck_auxiliary": (n, 6, 8, 8),
+    }
+    return {k: torch.randn(*s, generator=g).requires_grad_(requires_grad) for k, s in shapes.items()}
+
+
+# ----------------------------------------------------------------------------- masks
+def test_position_mask_1d_with_exact_ties():
+    positions = torch.tensor([0.25, 0.5, 0.625, 0.75])
+    mask = position_positive_mask(positions, threshold=0.25)
+    expected = torch.tensor(
+        [
+            [False, False, False, False],  # 0.25 vs 0.5: |dp| == t is not positive
+            [False, False, True, False],  # 0.5 vs 0.625: 0.125 < t; 0.5 vs 0.75: tie
+            [False, True, False, True],  # 0.625 vs 0.75: 0.125 < t
+            [False, False, True, False],
+        ]
+    )
+    assert mask.dtype == torch.bool and mask.shape == (4, 4)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_position_mask_slice_positions_ties_independent_of_rounding(dtype):
+    # p = (i + 1) / 20 and t = 0.1: |i - j| == 2 is an exact tie, however floats round it.
+    n = 20
+    positions = torch.tensor([(i + 1) / n for i in range(n)], dtype=dtype)
+    mask = position_positive_mask(positions, threshold=0.1)
+    expected = torch.tensor([[i != j and abs(i - j) < 2 for j in range(n)] for i in range(n)])
+    assert torch.equal(mask, expected)
+
+
+def test_position_mask_3d_needs_every_axis():
+    positions = torch.tensor(
+        [
+            [0.5, 0.5, 0.5],
+            [0.55, 0.45, 0.5],  # within 0.1 of row 0 on every axis
+            [0.55, 0.5, 0.7],  # too far on the last axis only
+            [0.5, 0.5, 0.6],  # |dz| == 0.1 exactly vs row 0: not positive
+        ]
+    )
+    mask = position_positive_mask(positions, threshold=0.1)
+    assert mask.shape == (4, 4)
+    assert not mask.diagonal().any()
+    assert mask[0, 1] and mask[1, 0]
+    assert not mask[0, 2] and not mask[1, 2]
+    assert not mask[0, 3]
+    assert not mask[2, 3]  # d = (0.05, 0, 0.1): tie on z
+    assert not mask[1, 3]  # d = (0.05, 0.05, 0.1): tie on z
+    assert mask.sum().item() == 2  # only the pair (0, 1), both directions
+
+
+def test_position_mask_3d_matches_explicit_rule():
+    g = torch.Generator().manual_seed(1)
+    positions = torch.rand(12, 3, generator=g)
+    t = 0.3
+    mask = position_positive_mask(positions, t)
+    p = positions.tolist()
+    expected = torch.tensor(
+        [[a != b and all(abs(p[a][d] - p[b][d]) < t for d in range(3)) for b in range(12)] for a in range(12)]
+    )
+    assert torch.equal(mask, expected)
+
+
+def test_position_mask_diagonal_false_even_for_duplicates():
+    mask = position_positive_mask(torch.tensor([0.3, 0.3, 0.3]), 0.1)
+    assert torch.equal(mask, ~torch.eye(3, dtype=torch.bool))
+
+
+def test_instance_mask_simclr():
+    mask = instance_positive_mask(3, 2)
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    for i in range(3):
+        expected[i, i + 3] = expected[i + 3, i] = True
+    assert torch.equal(mask, expected)
+    three_views = instance_positive_mask(2, 3)
+    assert three_views.shape == (6, 6)
+    assert three_views.sum(dim=1).tolist() == [2] * 6
+    assert three_views[0, 2] and three_views[0, 4] and not three_views[0, 1]
+
+
+# ----------------------------------------------------------------------------- SupCon
+def test_supcon_hand_example_anchor_without_positive_is_skipped():
+    # f0 = f1 = e1 (positives of each other), f2 = e2 has no positive.
+    # anchors 0 and 1: -log(e^{1/tau} / (e^{1/tau} + e^0)) = log(1 + e^{-1/tau}).
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[False, True, False], [True, False, False], [False, False, False]])
+    for tau in (0.1, 0.5):
+        loss = masked_supcon_loss(features, mask, tau=tau)
+        assert loss.dtype == torch.float32 and loss.ndim == 0
+        # abs: float32 resolves log(1 + 4.5e-5) only to ~1e-7.
+        assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0 / tau)), rel=1e-5, abs=1e-6)
+
+
+def test_supcon_hand_example_normalises_features():
+    # Normalised: e1, e2, -e1, -e2; positives 0<->1 and 2<->3. With tau = 1 every anchor has
+    # sims (0 to its positive, -1 and 0 to the others): loss = log(e^0 + e^-1 + e^0).
+    features = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0], [0.0, -0.5]])
+    mask = torch.tensor(
+        [[False, True, False, False], [True, False, False, False], [False, False, False, True], [False, False, True, False]]
+    )
+    loss = masked_supcon_loss(features, mask, tau=1.0)
+    assert loss.item() == pytest.approx(math.log(2.0 + math.exp(-1.0)), rel=1e-6)
+
+
+def test_supcon_matches_naive_reference_random():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(10, 7, generator=g)
+    positions = torch.rand(10, generator=g).tolist()
+    positive = naive_position_positives(positions, 0.3)
+    mask = torch.tensor(positive)
+    loss = masked_supcon_loss(features, mask, tau=0.2)
+    assert loss.item() == pytest.approx(naive_supcon(features, positive, 0.2), rel=1e-5)
+
+
+def test_supcon_base_temperature_factor():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(6, 4, generator=g)
+    mask = instance_positive_mask(3, 2)
+    plain = masked_supcon_loss(features, mask, tau=0.1)
+    scaled = masked_supcon_loss(features, mask, tau=0.1, base_temperature=0.07)
+    assert scaled.item() == pytest.approx(plain.item() * 0.1 / 0.07, rel=1e-6)
+
+
+def test_supcon_is_stable_for_tiny_temperature():
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    mask = instance_positive_mask(2, 2)
+    loss = masked_supcon_loss(features, mask, tau=1e-3)
+    assert torch.isfinite(loss)
+
+
+def test_position_supcon_module_stacks_branches():
+    g = torch.Generator().manual_seed(3)
+    dom, aux = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    positions = [0.1, 0.15, 0.5, 0.55, 0.9]
+    module = PositionSupConLoss(threshold=0.1, tau=0.1)
+    expected = naive_supcon(torch.cat([dom, aux]), naive_position_positives(positions * 2, 0.1), 0.1)
+    assert module(dom, aux, torch.tensor(positions)).item() == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- Lg
+def test_global_loss_hand_example_far_positions():
+    # Stacked [e1, e2, e1, e2], positions [0.1, 0.9, 0.1, 0.9]: only the other view is positive.
+    # Each anchor: sims 1/tau to its positive, 0 to the two others -> log(1 + 2 e^{-1/tau}).
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    for tau in (0.5, 0.1):
+        expected = math.log1p(2.0 * math.exp(-1.0 / tau))
+        loss = global_contrastive_loss(z, z.clone(), torch.tensor([0.1, 0.9]), threshold=0.1, tau=tau)
+        assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        # SimCLR positives give the same value here, whatever the positions.
+        simclr = global_contrastive_loss(z, z.clone(), torch.tensor([0.5, 0.5]), tau=tau, positives="instance")
+        assert simclr.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        no_positions = global_contrastive_loss(z, z.clone(), None, tau=tau, positives="instance")
+        assert no_positions.item() == pytest.approx(simclr.item())
+
+
+def test_global_loss_hand_example_close_positions():
+    # Positions [0.5, 0.55] with t = 0.1: all three others are positives of each anchor.
+    # lse = log(e^0 + e^{1/tau} + e^0); loss = -(1/3) * (0 + 1/tau + 0 - 3 lse) = lse - 1/(3 tau).
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    tau = 0.1
+    lse = math.log(2.0 + math.exp(1.0 / tau))
+    loss = global_contrastive_loss(z, z.clone(), torch.tensor([0.5, 0.55]), threshold=0.1, tau=tau)
+    assert loss.item() == pytest.approx(lse - 1.0 / (3.0 * tau), rel=1e-5)
+    module = GlobalContrastiveLoss(threshold=0.1, tau=tau)
+    assert module(z, z.clone(), torch.tensor([0.5, 0.55])).item() == pytest.approx(loss.item())
+
+
+# ----------------------------------------------------------------------------- Ld
+@pytest.mark.parametrize("spatial", [(3, 4), (2, 3, 2)])
+def test_dense_supcon_equals_mean_of_per_location_supcon(spatial):
+    g = torch.Generator().manual_seed(7)
+    n, c = 4, 5
+    dom = torch.randn(n, c, *spatial, generator=g)
+    aux = torch.randn(n, c, *spatial, generator=g)
+    positions = [0.1, 0.15, 0.6, 0.95]
+    positive = naive_position_positives(positions * 2, 0.1)
+    per_location = []
+    for index in torch.cartesian_prod(*[torch.arange(s) for s in spatial]).tolist():
+        loc = (slice(None), slice(None), *index)
+        per_location.append(naive_supcon(torch.cat([dom[loc], aux[loc]]), positive, 0.1))
+    expected = sum(per_location) / len(per_location)
+    loss = dense_contrastive_loss(dom, aux, torch.tensor(positions), threshold=0.1, tau=0.1)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dense_supcon_instance_positives():
+    g = torch.Generator().manual_seed(8)
+    dom, aux = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    positive = instance_positive_mask(3, 2).tolist()
+    expected = sum(
+        naive_supcon(torch.cat([dom[:, :, i, j], aux[:, :, i, j]]), positive, 0.1) for i in range(2) for j in range(2)
+    ) / 4
+    loss = dense_contrastive_loss(dom, aux, None, positives="instance")
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dense_mse_and_byol_forms():
+    g = torch.Generator().manual_seed(9)
+    z = torch.randn(2, 3, 4, 4, generator=g)
+    positions = torch.tensor([0.2, 0.8])
+    for form in ("mse", "byol"):
+        assert dense_contrastive_loss(z, z.clone(), positions, form=form).item() == pytest.approx(0.0, abs=1e-6)
+        # Both forms compare directions only: scaling one branch changes nothing.
+        assert dense_contrastive_loss(z, 3.0 * z, positions, form=form).item() == pytest.approx(0.0, abs=1e-6)
+    # Orthogonal unit features at every location: cos = 0.
+    dom = torch.zeros(2, 2, 3, 3)
+    dom[:, 0] = 2.0
+    aux = torch.zeros(2, 2, 3, 3)
+    aux[:, 1] = 0.5
+    # byol: 2 - 2 * 0 = 2; mse: mean over channels of ((1 - 0)^2, (0 - 1)^2) = 1.
+    assert dense_contrastive_loss(dom, aux, positions, form="byol").item() == pytest.approx(2.0)
+    assert dense_contrastive_loss(dom, aux, positions, form="mse").item() == pytest.approx(1.0)
+    # Opposite directions: byol = 4, mse = mean((2, 0)^2 over channels) = 2.
+    assert dense_contrastive_loss(dom, -dom, positions, form="byol").item() == pytest.approx(4.0)
+    assert dense_contrastive_loss(dom, -dom, positions, form="mse").item() == pytest.approx(2.0)
+    module = DenseContrastiveLoss(form="byol")
+    assert module(dom, aux, positions).item() == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- LER
+def test_equivariance_same_size_is_plain_l1():
+    g = torch.Generator().manual_seed(10)
+    y = torch.randn(2, 3, 4, 4, generator=g)
+    assert equivariance_loss(y, y.clone()).item() == 0.0
+    other = y + 0.5
+    assert equivariance_loss(y, other).item() == pytest.approx(0.5, rel=1e-6)
+    assert EquivarianceLoss()(y, other).item() == pytest.approx(0.5, rel=1e-6)
+
+
+def test_equivariance_downsamples_auxiliary_align_corners_2d():
+    # align_corners=True from 3x3 to 2x2 picks the four corners: 0, 2, 6, 8 -> L1 vs 0 = 4.
+    y_tilde = torch.arange(9.0).reshape(1, 1, 3, 3)
+    y = torch.zeros(1, 1, 2, 2)
+    assert equivariance_loss(y, y_tilde).item() == pytest.approx(4.0)
+    # 5x5 -> 3x3 keeps every other pixel, so y equal to those pixels gives 0.
+    big = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(11))
+    assert equivariance_loss(big[:, :, ::2, ::2], big).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_equivariance_downsamples_auxiliary_3d():
+    y_tilde = torch.arange(27.0).reshape(1, 1, 3, 3, 3)
+    y = torch.zeros(1, 1, 2, 2, 2)
+    corners = [0, 2, 6, 8, 18, 20, 24, 26]
+    assert equivariance_loss(y, y_tilde).item() == pytest.approx(sum(corners) / 8)
+    # Anisotropic: one axis not down-sampled (lambda = 1 on that axis).
+    y_tilde = torch.arange(18.0).reshape(1, 1, 2, 3, 3)
+    y = torch.zeros(1, 1, 2, 2, 2)
+    corners = [0, 2, 6, 8, 9, 11, 15, 17]
+    assert equivariance_loss(y, y_tilde).item() == pytest.approx(sum(corners) / 8)
+
+
+# ----------------------------------------------------------------------------- L_MLC
+def test_multilevel_weighting():
+    outputs = make_outputs()
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.9])
+    loss_fn = MultiLevelContrastiveLoss()
+    total, parts = loss_fn(outputs, positions)
+    assert set(parts) == {"Lg", "Ld", "LER"}
+    lg = global_contrastive_loss(outputs["global_dominant"], outputs["global_auxiliary"], positions)
+    ld = dense_contrastive_loss(outputs["dense_dominant"], outputs["dense_auxiliary"], positions)
+    ler = equivariance_loss(outputs["bottleneck_dominant"], outputs["bottleneck_auxiliary"])
+    assert parts["Lg"].item() == pytest.approx(lg.item())
+    assert parts["Ld"].item() == pytest.approx(ld.item())
+    assert parts["LER"].item() == pytest.approx(ler.item())
+    assert total.item() == pytest.approx(1.0 * lg.item() + 0.5 * ld.item() + 1.0 * ler.item(), rel=1e-6)
+    custom_total, _ = MultiLevelContrastiveLoss(weights=(0.2, 2.0, 3.0))(outputs, positions)
+    assert custom_total.item() == pytest.approx(0.2 * lg.item() + 2.0 * ld.item() + 3.0 * ler.item(), rel=1e-6)
+
+
+def test_multilevel_parts_are_detached_and_total_has_graph():
+    outputs = make_outputs(requires_grad=True)
+    total, parts = MultiLevelContrastiveLoss()(outputs, torch.tensor([0.1, 0.15, 0.5, 0.9]))
+    assert total.requires_grad and total.dtype == torch.float32 and total.ndim == 0
+    assert all(not v.requires_grad for v in parts.values())
+
+
+def test_multilevel_switched_off_components_need_no_outputs():
+    full = make_outputs()
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.9])
+    pcl_outputs = {k: full[k] for k in ("global_dominant", "global_auxiliary")}
+    total, parts = MultiLevelContrastiveLoss(weights=(1.0, 0.0, 0.0))(pcl_outputs, positions)
+    assert parts["Ld"].item() == 0.0 and parts["LER"].item() == 0.0
+    assert total.item() == pytest.approx(parts["Lg"].item())
+    image_level = {k: v for k, v in full.items() if not k.startswith("dense")}
+    total, parts = MultiLevelContrastiveLoss(weights=(1.0, 0.0, 1.0))(image_level, positions)
+    assert parts["Ld"].item() == 0.0
+    assert total.item() == pytest.approx(parts["Lg"].item() + parts["LER"].item(), rel=1e-6)
+    # SimCLR baseline: instance positives, positions not needed.
+    total, _ = MultiLevelContrastiveLoss(weights=(1.0, 0.0, 0.0), positives="instance")(pcl_outputs, None)
+    assert torch.isfinite(total)
+
+
+def test_multilevel_missing_output_names_the_key():
+    outputs = make_outputs()
+    del outputs["dense_auxiliary"]
+    with pytest.raises(ValueError, match="dense_auxiliary"):
+        MultiLevelContrastiveLoss()(outputs, torch.tensor([0.1, 0.15, 0.5, 0.9]))
+    outputs = make_outputs()
+    outputs["bottleneck_dominant"] = None
+    with pytest.raises(ValueError, match="bottleneck_dominant"):
+        MultiLevelContrastiveLoss()(outputs, torch.tensor([0.1, 0.15, 0.5, 0.9]))
+
+
+@pytest.mark.parametrize("dense_form", ["supcon", "mse", "byol"])
+def test_multilevel_dense_forms(dense_form):
+    outputs = make_outputs()
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.9])
+    _, parts = MultiLevelContrastiveLoss(dense_form=dense_form)(outputs, positions)
+    expected = dense_contrastive_loss(outputs["dense_dominant"], outputs["dense_auxiliary"], positions, form=dense_form)
+    assert parts["Ld"].item() == pytest.approx(expected.item())
+
+
+# ----------------------------------------------------------------------------- gradients, dtypes
+@pytest.mark.parametrize("dense_form", ["supcon", "mse", "byol"])
+def test_gradients_reach_every_input(dense_form):
+    outputs = make_outputs(requires_grad=True)
+    total, _ = MultiLevelContrastiveLoss(dense_form=dense_form)(outputs, torch.tensor([0.1, 0.15, 0.5, 0.9]))
+    total.backward()
+    for key, tensor in outputs.items():
+        assert tensor.grad is not None, key
+        assert torch.isfinite(tensor.grad).all(), key
+        assert tensor.grad.abs().sum() > 0, key
+
+
+def test_bf16_inputs_give_finite_float32_loss():
+    outputs32 = make_outputs()
+    outputs16 = {k: v.to(torch.bfloat16).requires_grad_() for k, v in outputs32.items()}
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.9])
+    total, parts = MultiLevelContrastiveLoss()(outputs16, positions)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert all(v.dtype == torch.float32 for v in parts.values())
+    # Same value as float32 maths on the bf16-rounded inputs.
+    rounded = {k: v.detach().float() for k, v in outputs16.items()}
+    reference, _ = MultiLevelContrastiveLoss()(rounded, positions)
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+    total.backward()
+    assert all(v.grad is not None and v.grad.dtype == torch.bfloat16 for v in outputs16.values())
+    # fp16 too, for each functional loss.
+    z = torch.randn(4, 8).half()
+    assert global_contrastive_loss(z, z.flip(0), positions).dtype == torch.float32
+
+
+def test_losses_stay_float32_under_autocast():
+    outputs = make_outputs()
+    positions = torch.tensor([0.1, 0.15, 0.5, 0.9])
+    reference, _ = MultiLevelContrastiveLoss()(outputs, positions)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        total, _ = MultiLevelContrastiveLoss()(outputs, positions)
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- invalid arguments
+@pytest.mark.parametrize("threshold", [0.0, -0.1, 1.5, float("nan")])
+def test_invalid_threshold(threshold):
+    z = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="threshold"):
+        position_positive_mask(torch.tensor([0.1, 0.2]), threshold)
+    with pytest.raises(ValueError, match="threshold"):
+        global_contrastive_loss(z, z, torch.tensor([0.1, 0.2]), threshold=threshold)
+    with pytest.raises(ValueError, match="threshold"):
+        MultiLevelContrastiveLoss(threshold=threshold)
+    with pytest.raises(ValueError, match="threshold"):
+        PositionSupConLoss(threshold=threshold)
+
+
+def test_threshold_one_is_allowed():
+    mask = position_positive_mask(torch.tensor([0.0, 0.5, 1.0]), 1.0)
+    assert mask[0, 1] and not mask[0, 2]  # |dp| == 1 is a tie
+
+
+def test_invalid_form_and_positives():
+    z = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="form"):
+        dense_contrastive_loss(z, z, torch.tensor([0.1, 0.2]), form="l2")
+    with pytest.raises(ValueError, match="dense_form"):
+        MultiLevelContrastiveLoss(dense_form="cosine")
+    with pytest.raises(ValueError, match="positives"):
+        global_contrastive_loss(z[:, :, 0, 0], z[:, :, 0, 0], torch.tensor([0.1, 0.2]), positives="label")
+    with pytest.raises(ValueError, match="positives"):
+        MultiLevelContrastiveLoss(positives="label")
+
+
+def test_mismatched_shapes_name_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 3, 4, 5\)"):
+        dense_contrastive_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
+        global_contrastive_loss(torch.randn(2, 3), torch.randn(2, 4), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="spatial"):
+        dense_contrastive_loss(torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="batch and channels"):
+        equivariance_loss(torch.randn(2, 3, 2, 2), torch.randn(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="at least as large"):
+        equivariance_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2))
+
+
+def test_invalid_positions_and_other_arguments():
+    z = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="positions"):
+        global_contrastive_loss(z, z, torch.tensor([0.1, 0.2]))  # wrong length
+    with pytest.raises(ValueError, match="positions"):
+        global_contrastive_loss(z, z, None)  # position positives need positions
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        global_contrastive_loss(z, z, torch.tensor([3.0, 7.0, 12.0]))  # raw slice indices
+    with pytest.raises(ValueError, match="tau"):
+        global_contrastive_loss(z, z, torch.tensor([0.1, 0.2, 0.3]), tau=0.0)
+    with pytest.raises(ValueError, match="base_temperature"):
+        masked_supcon_loss(z, instance_positive_mask(3, 1), base_temperature=-1.0)
+    with pytest.raises(ValueError, match="positive_mask"):
+        masked_supcon_loss(z, torch.zeros(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="weights"):
+        MultiLevelContrastiveLoss(weights=(1.0, -0.5, 1.0))
+    with pytest.raises(ValueError, match="weights"):
+        MultiLevelContrastiveLoss(weights=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="weights"):
+        MultiLevelContrastiveLoss(weights=(1.0, 0.5))
