@@ -263,19 +263,21 @@ def test_dense_mse_and_byol_forms():
     positions = torch.tensor([0.2, 0.8])
     for form in ("mse", "byol"):
         assert dense_contrastive_loss(z, z.clone(), positions, form=form).item() == pytest.approx(0.0, abs=1e-6)
-        # Both forms compare directions only: scaling one branch changes nothing.
-        assert dense_contrastive_loss(z, 3.0 * z, positions, form=form).item() == pytest.approx(0.0, abs=1e-6)
+    # byol compares directions only: scaling one branch changes nothing; plain mse sees the scale.
+    assert dense_contrastive_loss(z, 3.0 * z, positions, form="byol").item() == pytest.approx(0.0, abs=1e-6)
+    assert dense_contrastive_loss(z, 3.0 * z, positions, form="mse").item() == pytest.approx(
+        (4.0 * z.pow(2)).mean().item(), rel=1e-5)
     # Orthogonal unit features at every location: cos = 0.
     dom = torch.zeros(2, 2, 3, 3)
     dom[:, 0] = 2.0
     aux = torch.zeros(2, 2, 3, 3)
     aux[:, 1] = 0.5
-    # byol: 2 - 2 * 0 = 2; mse: mean over channels of ((1 - 0)^2, (0 - 1)^2) = 1.
+    # byol: 2 - 2 * 0 = 2; plain mse: mean over channels of ((2 - 0)^2, (0 - 0.5)^2) = 2.125.
     assert dense_contrastive_loss(dom, aux, positions, form="byol").item() == pytest.approx(2.0)
-    assert dense_contrastive_loss(dom, aux, positions, form="mse").item() == pytest.approx(1.0)
-    # Opposite directions: byol = 4, mse = mean((2, 0)^2 over channels) = 2.
+    assert dense_contrastive_loss(dom, aux, positions, form="mse").item() == pytest.approx(2.125)
+    # Opposite directions: byol = 4, mse = mean((4, 0)^2 over channels) = 8.
     assert dense_contrastive_loss(dom, -dom, positions, form="byol").item() == pytest.approx(4.0)
-    assert dense_contrastive_loss(dom, -dom, positions, form="mse").item() == pytest.approx(2.0)
+    assert dense_contrastive_loss(dom, -dom, positions, form="mse").item() == pytest.approx(8.0)
     module = DenseContrastiveLoss(form="byol")
     assert module(dom, aux, positions).item() == pytest.approx(2.0)
 

@@ -5,8 +5,8 @@ Checkpoints are built here in the documented MACL format from ``get_network_from
 """
 from __future__ import annotations
 
-import copy
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -331,9 +331,12 @@ def dataset_b(tiny_dataset, nnunet_env):
     extract_fingerprints([DATASET_B], num_processes=2, check_dataset_integrity=False, clean=True, verbose=False,
                          show_progress_bar=False)
     move_plans_between_datasets(tiny_dataset["id"], DATASET_B, tiny_dataset["plans"], PLANS_B)
+    name = f"Dataset{DATASET_B}_MACLTransferB"
+    # nnU-Net's planning step normally puts dataset.json there; we skipped planning B on purpose
+    shutil.copy(nnunet_env["raw"] / name / "dataset.json", nnunet_env["preprocessed"] / name / "dataset.json")
     preprocess([DATASET_B], plans_identifier=PLANS_B, configurations=("2d",), num_processes=(2,), verbose=False,
                show_progress_bar=False)
-    return {"id": DATASET_B, "name": f"Dataset{DATASET_B}_MACLTransferB", "plans": PLANS_B}
+    return {"id": DATASET_B, "name": name, "plans": PLANS_B}
 
 
 def _trainer(dataset_id, plans, trainer_name="nnUNetTrainerMACL"):

@@ -57,8 +57,8 @@ def dense_contrastive_loss(
             positives="position").
         threshold: positives are pairs with |p_a - p_b| < threshold on every axis.
         tau: temperature (form="supcon").
-        form: "supcon" (eq. 12), "mse" (MSE between channel-L2-normalised features, mean over
-            samples, channels and locations) or "byol" (mean over samples and locations of
+        form: "supcon" (eq. 12), "mse" (plain MSE between the raw features, mean over samples,
+            channels and locations; paper Table VII "MSE") or "byol" (Table VII "l2 normalized + MSE": (mean over samples and locations of
             2 - 2 cos(z_dom, z_aux); no negatives).
         positives: "position" (PCL/MACL) or "instance" (SimCLR), form="supcon" only.
         base_temperature: optional tau / base_temperature factor (form="supcon").
@@ -81,10 +81,10 @@ def dense_contrastive_loss(
         return masked_supcon_loss(features.permute(2, 0, 1), mask, tau=tau, base_temperature=base_temperature)
 
     with float32_math(z_dominant.device):
+        if form == "mse":
+            return F.mse_loss(z_dominant.float(), z_auxiliary.float())
         a = F.normalize(z_dominant.float(), dim=1)
         b = F.normalize(z_auxiliary.float(), dim=1)
-        if form == "mse":
-            return F.mse_loss(a, b)
         return (2.0 - 2.0 * (a * b).sum(dim=1)).mean()
 
 
