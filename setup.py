@@ -24,6 +24,7 @@ setup(
             "macl_pretrain=nnunetv2_macl.run.pretrain:main",
             "macl_trainer_path=nnunetv2_macl.run.trainer_path:main",
             "macl_demo=nnunetv2_macl.demo.pipeline:main",
+            "macl_prepare_unlabeled=nnunetv2_macl.run.prepare_unlabeled:main",
         ]
     },
 )

@@ -24,18 +24,23 @@ class DatasetError(ValueError):
 
 def _open_image(dataset_class: type, folder: str, identifier: str):
     """Open only the image array of a case (memory-mapped where the layout allows)."""
-    if dataset_class is nnUNetDatasetBlosc2:
-        import blosc2
-        blosc2.set_nthreads(1)
-        kwargs = {} if os.name == "nt" else {"mmap_mode": "r"}
-        return blosc2.open(urlpath=os.path.join(folder, identifier + ".b2nd"), mode="r",
-                           dparams={"nthreads": 1}, **kwargs)
-    if dataset_class is nnUNetDatasetNumpy:
-        npy = os.path.join(folder, identifier + ".npy")
-        if os.path.isfile(npy):
-            return np.load(npy, mmap_mode="r")
-        with np.load(os.path.join(folder, identifier + ".npz"), allow_pickle=False) as f:
-            return f["data"]
+    try:
+        if dataset_class is nnUNetDatasetBlosc2:
+            import blosc2
+            blosc2.set_nthreads(1)
+            kwargs = {} if os.name == "nt" else {"mmap_mode": "r"}
+            return blosc2.open(urlpath=os.path.join(folder, identifier + ".b2nd"), mode="r",
+                               dparams={"nthreads": 1}, **kwargs)
+        if dataset_class is nnUNetDatasetNumpy:
+            npy = os.path.join(folder, identifier + ".npy")
+            if os.path.isfile(npy):
+                return np.load(npy, mmap_mode="r")
+            with np.load(os.path.join(folder, identifier + ".npz"), allow_pickle=False) as f:
+                return f["data"]
+    except Exception as e:  # noqa: BLE001 - blosc2/numpy raise many types for unreadable files
+        msg = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise DatasetError(f"Cannot read preprocessed case {identifier!r} in {folder} ({type(e).__name__}: "
+                           f"{msg[:200]}); rerun nnU-Net's preprocessing for this dataset") from None
     raise DatasetError(f"Unsupported nnU-Net dataset class {dataset_class.__name__}")
 
 
@@ -45,9 +50,15 @@ def list_cases(folder: str) -> tuple[type, list[str]]:
         raise DatasetError(f"Preprocessed data folder does not exist: {folder}")
     files = [f for f in os.listdir(folder) if f.endswith((".b2nd", ".npz", ".npy"))]
     if not files:
-        raise DatasetError(f"Empty dataset: no preprocessed cases (.b2nd/.npz) in {folder}")
+        raise DatasetError(f"Empty dataset: no preprocessed cases (.b2nd/.npz) in {folder}; run nnU-Net's "
+                           f"preprocessing (nnUNetv2_preprocess) for this dataset and configuration")
     # _seg files may have been removed (unlabeled data): nnU-Net's inference only needs image files
-    dataset_class = infer_dataset_class(folder)
+    try:
+        dataset_class = infer_dataset_class(folder)
+    except (AssertionError, KeyError, IndexError):
+        endings = sorted({f.rsplit(".", 1)[-1] for f in os.listdir(folder) if "." in f})
+        raise DatasetError(f"Cannot tell the nnU-Net data layout of {folder}: expected only .b2nd (or only .npz) "
+                           f"case files besides .pkl/.npy, found endings {endings}; remove foreign files") from None
     identifiers = sorted(dataset_class.get_identifiers(folder))
     if not identifiers:
         raise DatasetError(f"Empty dataset: no preprocessed cases in {folder}")
@@ -81,10 +92,13 @@ class PretrainSliceDataset(Dataset):
 
     Item k -> (image (C, *crop) float32 tensor, position (1,) float32 tensor). The random crop is
     drawn from a generator seeded by (seed, epoch, k), so a resumed run sees the same data.
+
+    Single-slice cases have no defined position and are refused unless ``allow_single_slice``
+    (instance positives, i.e. SimCLR, never look at positions; such a slice gets position 1).
     """
 
     def __init__(self, folder: str, crop_size: Sequence[int], identifiers: Sequence[str] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, allow_single_slice: bool = False) -> None:
         self.folder = folder
         self.dataset_class, all_ids = list_cases(folder)
         self.identifiers = list(identifiers) if identifiers is not None else all_ids
@@ -100,12 +114,17 @@ class PretrainSliceDataset(Dataset):
                 raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
             if self.num_channels is None:
                 self.num_channels = int(arr.shape[0])
+            elif int(arr.shape[0]) != self.num_channels:
+                raise DatasetError(f"Case {identifier} has {int(arr.shape[0])} channels, the first case "
+                                   f"{self.identifiers[0]} has {self.num_channels}")
             n = int(arr.shape[1])
-            if n < 2:
+            if n < 1:
+                raise DatasetError(f"Case {identifier} has no slices (shape {tuple(arr.shape)})")
+            if n < 2 and not allow_single_slice:
                 raise DatasetError(
-                    f"Case {identifier} has a single slice along the slicing axis: slice positions are undefined "
-                    f"(position-based positives need volumes). Remove such cases or pretrain with "
-                    f"--method simclr (instance positives only).")
+                    f"Case {identifier} has a single slice along the slicing axis: slice positions are undefined, "
+                    f"so position-based positives (MACL/PCL) cannot be formed. Remove such cases or pretrain with "
+                    f"SimCLR positives (instance positives only, positions unused): --method simclr")
             case_index.append(np.full(n, ci))
             slice_index.append(np.arange(n))
             positions.append((np.arange(n) + 1) / n)
@@ -144,7 +163,13 @@ class PretrainPatchDataset(Dataset):
     """3-D patches of nnU-Net preprocessed cases with their normalised centre coordinates as
     positions (beyond the paper: positives are patches within the threshold on every axis).
 
-    ``patches_per_case`` patches per case and epoch, centres uniform over the volume.
+    ``patches_per_case`` patches per case and epoch. A patch is centred exactly on a voxel c drawn
+    uniformly over the volume (zero padding where it reaches outside, as nnU-Net's own patch
+    sampling allows), so its position ``(c + 1) / shape`` per axis (axis order of the preprocessed,
+    transposed array, as ``PretrainSliceDataset``'s slice position is along axis 0) always
+    describes the centre of what the patch shows, also near the borders and when the patch is
+    larger than the volume. The centre is drawn from a generator seeded by (seed, epoch, k).
+
     Item k -> (image (C, *patch) float32, position (3,) float32 in (0, 1]).
     """
 
@@ -154,7 +179,11 @@ class PretrainPatchDataset(Dataset):
         self.dataset_class, all_ids = list_cases(folder)
         self.identifiers = list(identifiers) if identifiers is not None else all_ids
         self.patch_size = [int(p) for p in patch_size]
-        self.patches_per_case = patches_per_case
+        if len(self.patch_size) != 3 or any(p < 1 for p in self.patch_size):
+            raise DatasetError(f"3-D patches need three positive sizes, got {list(patch_size)}")
+        if int(patches_per_case) < 1:
+            raise DatasetError(f"patches_per_case must be >= 1, got {patches_per_case}")
+        self.patches_per_case = int(patches_per_case)
         self.seed = seed
         self.epoch = 0
         self._arrays: dict[str, object] = {}
@@ -164,7 +193,13 @@ class PretrainPatchDataset(Dataset):
             arr = _open_image(self.dataset_class, folder, identifier)
             if arr.ndim != 4:
                 raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
-            self.num_channels = self.num_channels or int(arr.shape[0])
+            if self.num_channels is None:
+                self.num_channels = int(arr.shape[0])
+            elif int(arr.shape[0]) != self.num_channels:
+                raise DatasetError(f"Case {identifier} has {int(arr.shape[0])} channels, the first case "
+                                   f"{self.identifiers[0]} has {self.num_channels}")
+            if any(int(s) < 1 for s in arr.shape[1:]):
+                raise DatasetError(f"Case {identifier} is empty (shape {tuple(arr.shape)})")
             self.shapes.append(tuple(int(s) for s in arr.shape[1:]))
 
     def __len__(self) -> int:
@@ -174,18 +209,27 @@ class PretrainPatchDataset(Dataset):
     _array = PretrainSliceDataset._array
     __getstate__ = PretrainSliceDataset.__getstate__
 
+    def centre(self, k: int) -> list[int]:
+        """The voxel (per axis) that item ``k`` of the current epoch is centred on."""
+        shape = self.shapes[int(k) // self.patches_per_case]
+        rng = np.random.default_rng((self.seed, self.epoch, int(k)))
+        return [int(rng.integers(0, s)) for s in shape]
+
     def __getitem__(self, k: int):
         ci = int(k) // self.patches_per_case
         identifier = self.identifiers[ci]
         shape = self.shapes[ci]
-        rng = np.random.default_rng((self.seed, self.epoch, int(k)))
-        centre = [int(rng.integers(0, s)) for s in shape]
-        # read the window around the centre that lies inside the volume, then pad to the patch size
-        lo = [max(0, c - p // 2) for c, p in zip(centre, self.patch_size)]
-        hi = [min(s, l + p) for s, l, p in zip(shape, lo, self.patch_size)]
+        centre = self.centre(k)
+        # the window [c - p//2, c - p//2 + p) per axis: its voxel p//2 is the centre; the part inside
+        # the volume is read, the rest is zero padding
+        start = [c - p // 2 for c, p in zip(centre, self.patch_size)]
+        lo = [max(0, a) for a in start]
+        hi = [min(s, a + p) for s, a, p in zip(shape, start, self.patch_size)]
         arr = self._array(identifier)
         image = np.asarray(arr[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.float32)
-        image = _fit(image, self.patch_size, rng)
+        pads = [(0, 0)] + [(a - s0, s0 + p - b) for a, b, s0, p in zip(lo, hi, start, self.patch_size)]
+        if any(p != (0, 0) for p in pads):
+            image = np.pad(image, pads)
         position = [(c + 1) / s for c, s in zip(centre, shape)]
         return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(position, dtype=torch.float32)
 

@@ -14,6 +14,7 @@ the untouched nnU-Net network: its ``state_dict()`` is what fine-tuning loads, k
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -61,6 +62,40 @@ def required_divisor(network: nn.Module, decoder_blocks: int) -> list[int]:
     total = np.prod(np.array(encoder_strides(network)), axis=0)
     lam = downsampling_factors(network, decoder_blocks)
     return [int(round(t / l)) for t, l in zip(total, lam)]
+
+
+def crop_problems(network: nn.Module, decoder_blocks: int, crop: Sequence[int]) -> list[str]:
+    """Why ``crop`` does not work for MACL with this network (empty list: it does).
+
+    Each axis must be a multiple of :func:`required_divisor` d (both branches' feature maps then align
+    exactly), and the dominant branch's bottleneck (``crop / d`` voxels per axis) must hold more than
+    one voxel in total, since instance normalisation needs more than one spatial element. Per axis a
+    single voxel is fine: in 3-D, insisting on two per axis would make the crop 8x the plan's patch.
+    """
+    divisor = required_divisor(network, decoder_blocks)
+    crop = [int(c) for c in crop]
+    if len(crop) != len(divisor):
+        return [f"the crop needs {len(divisor)} values for this network, got {crop}"]
+    problems = [f"axis {i}: {c} is not a positive multiple of {d}" for i, (c, d) in enumerate(zip(crop, divisor))
+                if c < d or c % d]
+    if not problems and int(np.prod([c // d for c, d in zip(crop, divisor)])) < 2:
+        problems.append(f"the dominant bottleneck would be a single voxel (crop / {divisor} = 1 on every axis); "
+                        f"double at least one axis")
+    return problems
+
+
+def fitting_crop_size(network: nn.Module, decoder_blocks: int, patch_size: Sequence[int]) -> list[int]:
+    """The smallest crop that holds ``patch_size`` (the plan's) and satisfies :func:`crop_problems`:
+    each axis rounded up to a multiple of d; if the dominant bottleneck is then a single voxel, the axis
+    with the largest ``patch / d`` is grown by d."""
+    divisor = required_divisor(network, decoder_blocks)
+    if len(patch_size) != len(divisor):
+        raise ValueError(f"patch_size needs {len(divisor)} values for this network, got {list(patch_size)}")
+    crop = [max(int(math.ceil(int(p) / d)) * d, d) for p, d in zip(patch_size, divisor)]
+    if int(np.prod([c // d for c, d in zip(crop, divisor)])) < 2:
+        i = int(np.argmax([int(p) / d for p, d in zip(patch_size, divisor)]))
+        crop[i] += divisor[i]
+    return crop
 
 
 def pretrained_prefixes(decoder_blocks: int) -> list[str]:

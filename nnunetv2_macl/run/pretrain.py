@@ -12,7 +12,9 @@ import sys
 
 import torch
 
-from nnunetv2_macl.training.config import MACLConfig
+from nnunetv2_macl.training.config import MACLConfig, resolve_method
+
+REQUIRED_ENV = ("nnUNet_preprocessed", "nnUNet_results")
 
 
 class UsageError(ValueError):
@@ -27,16 +29,34 @@ def _require_env(name: str) -> str:
     return value
 
 
+def _dataset_id(dataset_name: str) -> str:
+    return str(int(dataset_name[7:10])) if dataset_name[7:10].isdigit() else dataset_name
+
+
 def resolve_dataset_name(dataset_name_or_id: str | int) -> str:
-    """nnU-Net's dataset id/name lookup, with a one-line error."""
+    """nnU-Net's dataset id/name lookup, with a one-line error; the dataset must have been planned
+    (a folder in nnUNet_preprocessed)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    _require_env("nnUNet_preprocessed")
+    preprocessed_root = _require_env("nnUNet_preprocessed")
     try:
-        return maybe_convert_to_dataset_name(dataset_name_or_id)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"Unknown dataset {dataset_name_or_id!r}: not found in nnUNet_raw, nnUNet_preprocessed or "
-                         f"nnUNet_results ({str(e).splitlines()[0][:200]})") from None
+        name = str(maybe_convert_to_dataset_name(dataset_name_or_id))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        text = " ".join(str(e).split())
+        if "More than one dataset name" in text:
+            raise UsageError(f"Dataset id {dataset_name_or_id!r} is ambiguous: more than one DatasetXXX_* folder has "
+                             f"this id in nnUNet_raw, nnUNet_preprocessed or nnUNet_results; pass the full name") from None
+        raise UsageError(f"Unknown dataset {dataset_name_or_id!r}: no dataset with this id or name in nnUNet_raw "
+                         f"({os.environ.get('nnUNet_raw')}), nnUNet_preprocessed ({preprocessed_root}) or "
+                         f"nnUNet_results ({os.environ.get('nnUNet_results')})") from None
+    if not os.path.isdir(os.path.join(preprocessed_root, name)):
+        raw = os.environ.get("nnUNet_raw")
+        if raw and os.path.isdir(os.path.join(raw, name)):
+            raise UsageError(f"Dataset {name} is not planned and preprocessed (no {os.path.join(preprocessed_root, name)}"
+                             f"). Run: nnUNetv2_plan_and_preprocess -d {_dataset_id(name)}")
+        raise UsageError(f"Unknown dataset {dataset_name_or_id!r}: no folder {name} in nnUNet_preprocessed "
+                         f"({preprocessed_root})")
+    return name
 
 
 def load_plans_and_dataset_json(dataset_name: str, plans_identifier: str) -> tuple[dict, dict, str]:
@@ -47,11 +67,43 @@ def load_plans_and_dataset_json(dataset_name: str, plans_identifier: str) -> tup
             if os.path.isdir(preprocessed) else []
         raise UsageError(f"Unknown plans {plans_identifier!r} for {dataset_name}: {plans_file} does not exist "
                          f"(available: {available or 'none; run nnUNetv2_plan_and_preprocess'})")
-    with open(plans_file) as f:
-        plans = json.load(f)
-    with open(os.path.join(preprocessed, "dataset.json")) as f:
-        dataset_json = json.load(f)
+    plans = _read_json(plans_file, "plans")
+    dataset_json_file = os.path.join(preprocessed, "dataset.json")
+    if not os.path.isfile(dataset_json_file):
+        raise UsageError(f"{dataset_json_file} is missing; rerun nnUNetv2_plan_and_preprocess -d "
+                         f"{_dataset_id(dataset_name)}")
+    dataset_json = _read_json(dataset_json_file, "dataset.json")
     return plans, dataset_json, preprocessed
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"Cannot read the {what} file {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"The {what} file {path} does not hold a JSON object")
+    return data
+
+
+def check_configuration(plans: dict, configuration: str, plans_identifier: str, dataset_name: str,
+                        preprocessed: str) -> None:
+    """The configuration must be in the plans and preprocessed (its data folder must exist)."""
+    configurations = plans.get("configurations") or {}
+    if configuration not in configurations:
+        raise UsageError(f"Unknown configuration {configuration!r} in plans {plans_identifier!r} of {dataset_name} "
+                         f"(available: {sorted(configurations)})")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    data_folder = os.path.join(preprocessed, data_identifier)
+    if not os.path.isdir(data_folder):
+        command = f"nnUNetv2_preprocess -d {_dataset_id(dataset_name)} -c {configuration}"
+        if plans_identifier != "nnUNetPlans":
+            command += f" -plans_name {plans_identifier}"
+        raise UsageError(f"Dataset {dataset_name} is not preprocessed for configuration {configuration!r} (missing "
+                         f"{data_folder}). Run: {command}")
 
 
 def pretraining_output_folder(dataset_name: str, plans_identifier: str, configuration: str) -> str:
@@ -64,10 +116,19 @@ def pretraining_output_folder(dataset_name: str, plans_identifier: str, configur
 def run_pretraining(dataset_name_or_id: str | int, configuration: str = "2d", plans_identifier: str = "nnUNetPlans",
                     config: MACLConfig | None = None, device: str | torch.device = "cuda",
                     continue_training: bool = False, output_folder: str | None = None) -> str:
-    """Pretrain with MACL and return the output folder (holding checkpoint_final.pth)."""
-    from nnunetv2_macl.training.pretrainer import MACLPretrainer
+    """Pretrain with MACL and return the output folder (holding checkpoint_final.pth).
+
+    Everything that can be checked without training (options, environment, dataset, plans,
+    configuration, data, crop, output folder, the checkpoint to resume) is checked first; the
+    output folder is created only after that, when training starts. User errors raise the
+    exceptions in :data:`nnunetv2_macl.errors.USER_ERRORS` with one-line messages.
+    """
+    from nnunetv2_macl.training.pretrainer import MACLPretrainer, check_output_folder_writable
 
     config = config or MACLConfig()
+    resolve_method(config)  # option errors first (raises ConfigError); the trainer resolves again
+    for name in REQUIRED_ENV:
+        _require_env(name)
     device = torch.device(device) if not isinstance(device, torch.device) else device
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -87,23 +148,27 @@ def run_pretraining(dataset_name_or_id: str | int, configuration: str = "2d", pl
 
     dataset_name = resolve_dataset_name(dataset_name_or_id)
     plans, dataset_json, preprocessed = load_plans_and_dataset_json(dataset_name, plans_identifier)
+    check_configuration(plans, configuration, plans_identifier, dataset_name, preprocessed)
     output_folder = output_folder or pretraining_output_folder(dataset_name, plans_identifier, configuration)
+    latest = os.path.join(output_folder, "checkpoint_latest.pth")
+    final = os.path.join(output_folder, "checkpoint_final.pth")
+    if not continue_training and (os.path.isfile(final) or os.path.isfile(latest)):
+        raise UsageError(f"{output_folder} already holds a pretraining checkpoint; use --c to continue it, or remove "
+                         f"the folder to start over")
+    if rank == 0:
+        check_output_folder_writable(output_folder)  # creates nothing
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     trainer = MACLPretrainer(plans, configuration, dataset_json, preprocessed, output_folder, config, device,
                              rank=rank, world_size=world_size)
     trainer.initialize()
     if continue_training:
-        latest = os.path.join(output_folder, "checkpoint_latest.pth")
-        if os.path.isfile(latest):
-            trainer.load_checkpoint(latest)
+        resume_from = latest if os.path.isfile(latest) else final if os.path.isfile(final) else None
+        if resume_from is not None:
+            trainer.load_checkpoint(resume_from)
         else:
             trainer.print_to_log_file(f"--c: no {latest} yet; starting a new pretraining")
-    elif os.path.isfile(os.path.join(output_folder, "checkpoint_final.pth")) or \
-            os.path.isfile(os.path.join(output_folder, "checkpoint_latest.pth")):
-        raise UsageError(f"{output_folder} already holds a pretraining checkpoint; use --c to continue it, or remove "
-                         f"the folder to start over")
-    trainer.run_training()
+    trainer.run_training()  # creates the output folder (on_train_start)
     return output_folder
 
 
@@ -176,15 +241,25 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         global_negatives=not args.per_gpu_negatives)
 
 
+def one_line(e: BaseException) -> str:
+    """The exception's message on one line (nnU-Net and torch messages can span several)."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors (:data:`~nnunetv2_macl.errors.USER_ERRORS`) are printed as
+    ``macl_pretrain: error: <one line>`` with exit code 2 and no traceback; anything else is a bug
+    and keeps its traceback."""
     from nnunetv2_macl.errors import USER_ERRORS
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # argparse prints its own one-line usage errors (exit 2)
     try:
         folder = run_pretraining(args.dataset, args.configuration, args.plans, config_from_args(args), args.device,
                                  args.continue_training)
     except USER_ERRORS as e:
-        print(f"macl_pretrain: error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        print(f"macl_pretrain: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
     print(f"MACL pretraining finished. Weights for fine-tuning: {os.path.join(folder, 'checkpoint_final.pth')}")
     return 0

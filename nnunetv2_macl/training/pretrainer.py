@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import nnunetv2_macl
 from nnunetv2_macl.data.augmentation import RandomIntensityTransform, RandomSpatialTransform
@@ -39,6 +39,72 @@ class NonFiniteLossError(RuntimeError):
 
 def output_folder_name(plans_identifier: str, configuration: str) -> str:
     return f"{PRETRAINER_NAME}__{plans_identifier}__{configuration}"
+
+
+def check_output_folder_writable(folder: str) -> None:
+    """Raise :class:`PermissionError` (one line) unless ``folder`` exists as a writable folder or
+    could be created; creates nothing (the nearest existing ancestor is inspected)."""
+    path = os.path.abspath(folder)
+    probe = path
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise PermissionError(f"Output folder {folder} cannot be created: {probe} exists and is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is" if probe == path else f"cannot be created in {probe}, which is"
+        raise PermissionError(f"Output folder {folder} {what} not writable")
+
+
+def _state_dict_mismatches(expected: dict[str, torch.Tensor], found: dict) -> list[str]:
+    """Keys of ``expected`` missing from / shaped differently in ``found``, then unexpected keys."""
+    out = []
+    for k, v in expected.items():
+        if k not in found:
+            out.append(f"{k} (missing in checkpoint)")
+        elif not isinstance(found[k], torch.Tensor):
+            out.append(f"{k} (checkpoint holds a {type(found[k]).__name__}, not a tensor)")
+        elif tuple(found[k].shape) != tuple(v.shape):
+            out.append(f"{k} (checkpoint {list(found[k].shape)} vs network {list(v.shape)})")
+    out += [f"{k} (not in this network)" for k in found if k not in expected]
+    return out
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f" ... and {len(items) - n} more" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
+class _EpochTaggedSampler(Sampler):
+    """Yields (epoch, index) so that data-loading worker processes (persistent across epochs, each
+    with its own copy of the dataset) use the epoch the main process is in: the crop of item k in
+    epoch e is then a function of (seed, e, k) whatever the number of workers or resumes."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = int(self.sampler.epoch)
+        return ((epoch, int(k)) for k in iter(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _EpochTaggedDataset(Dataset):
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, k = item
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[k]
 
 
 def _rng_state() -> dict:
@@ -115,12 +181,19 @@ class MACLPretrainer:
         if not os.path.isdir(self.data_folder):
             raise DatasetError(
                 f"Dataset {self.dataset_name} is not preprocessed for configuration {self.configuration_name!r} "
-                f"(missing {self.data_folder}). Run: nnUNetv2_plan_and_preprocess -d <ID> -c {self.configuration_name}"
-                + (f" -p {self.plans_manager.plans_name}" if self.plans_manager.plans_name != "nnUNetPlans" else ""))
+                f"(missing {self.data_folder}). Run: nnUNetv2_preprocess -d "
+                f"{int(self.dataset_name[7:10]) if self.dataset_name[7:10].isdigit() else '<ID>'} "
+                f"-c {self.configuration_name}"
+                + (f" -plans_name {self.plans_manager.plans_name}" if self.plans_manager.plans_name != "nnUNetPlans"
+                   else ""))
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
         self.label_manager = self.plans_manager.get_label_manager(self.dataset_json)
         self.network = self.build_network().to(self.device)
+        n_decoder_stages = len(self.network.decoder.stages)
+        if not 0 <= cfg.decoder_blocks <= n_decoder_stages:
+            raise ConfigError(f"--decoder-blocks must be in [0, {n_decoder_stages}] for this network "
+                              f"({self.configuration_manager.network_arch_class_name}), got {cfg.decoder_blocks}")
         if cfg.channels_last and self.network.encoder.conv_op is nn.Conv2d:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.macl = MACLNetwork(self.network, cfg.decoder_blocks, global_through_decoder=cfg.global_through_decoder,
@@ -181,14 +254,18 @@ class MACLPretrainer:
     def get_dataset(self):
         ndim = len(self.configuration_manager.patch_size)
         if ndim == 2:
-            return PretrainSliceDataset(self.data_folder, self.crop_size, seed=self.config.seed)
+            # instance positives (SimCLR) never use positions: single-slice cases are fine for them
+            return PretrainSliceDataset(self.data_folder, self.crop_size, seed=self.config.seed,
+                                        allow_single_slice=self.config.positives == "instance")
         return PretrainPatchDataset(self.data_folder, self.crop_size, patches_per_case=self.config.patches_per_case,
                                     seed=self.config.seed)
 
     def get_dataloader(self) -> DataLoader:
         self.sampler = EpochPermutationSampler(len(self.dataset), self.config.seed, self.rank, self.world_size)
         workers = self.config.num_workers
-        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=self.sampler, drop_last=True,
+        # (epoch, index) items: persistent workers hold stale dataset copies, the epoch travels with the index
+        return DataLoader(_EpochTaggedDataset(self.dataset), batch_size=self.config.batch_size,
+                          sampler=_EpochTaggedSampler(self.sampler), drop_last=True,
                           num_workers=workers, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
 
@@ -196,8 +273,9 @@ class MACLPretrainer:
         cfg = self.config
         params = [p for p in self.macl.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # cosine decay per iteration (paper) over the whole run: a resumed run (same --epochs) continues
+        # the same curve, since the scheduler's step count is restored from the checkpoint
         total = max(1, cfg.epochs * self.iterations_per_epoch)
-        # cosine decay per iteration (paper)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
         return optimizer, scheduler
@@ -233,9 +311,13 @@ class MACLPretrainer:
         if not self.was_initialized:
             self.initialize()
         if self.is_main:
-            os.makedirs(self.output_folder, exist_ok=True)
-            if not os.access(self.output_folder, os.W_OK):
-                raise PermissionError(f"Output folder is not writable: {self.output_folder}")
+            # nothing is written before this point: every check that can fail without training ran before
+            check_output_folder_writable(self.output_folder)
+            try:
+                os.makedirs(self.output_folder, exist_ok=True)
+            except OSError as e:
+                raise PermissionError(f"Output folder {self.output_folder} cannot be created: "
+                                      f"{e.strerror or e}") from None
             if self.log_file is None:
                 self.log_file = os.path.join(self.output_folder,
                                              f"training_log_{datetime.now().strftime('%Y_%m_%d_%H_%M_%S')}.txt")
@@ -311,14 +393,18 @@ class MACLPretrainer:
         if bool(torch.isfinite(values).all()):  # one host sync per step, shared with progress logging
             return
         bad = [k for k, v in zip(("Lg", "Ld", "LER", "total"), values.tolist()) if not math.isfinite(v)]
-        step = self.current_epoch * self.iterations_per_epoch + self._iteration
+        bad = [k for k in bad if k != "total"] or bad  # name the component(s); total follows from them
+        iteration = getattr(self, "_iteration", 0)
+        step = self.current_epoch * self.iterations_per_epoch + iteration
         latest = os.path.join(self.output_folder, "checkpoint_latest.pth")
         kept = (f"the last good checkpoint {latest} is kept" if os.path.isfile(latest)
                 else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"Non-finite loss at epoch {self.current_epoch}, iteration {self._iteration} (global step {step}): "
-            + ", ".join(f"{k} = {components[k].item()}" for k in bad)
-            + f". Training stopped; {kept}. Try a lower --lr.")
+        msg = (f"Non-finite loss at epoch {self.current_epoch + 1}/{self.config.epochs}, iteration {iteration + 1}/"
+               f"{self.iterations_per_epoch} (global step {step}): "
+               + ", ".join(f"{k} = {components[k].item()}" for k in bad)
+               + f". Training stopped; {kept}. Try a lower --lr.")
+        self.print_to_log_file(msg, also_print_to_console=False)
+        raise NonFiniteLossError(msg)
 
     def on_epoch_end(self, sums: dict[str, float], n: int) -> None:
         epoch_time = time.time() - self.epoch_start_time
@@ -395,6 +481,13 @@ class MACLPretrainer:
         }
 
     def save_checkpoint(self, path: str) -> None:
+        """Write a resumable checkpoint atomically; a failed write (disk full, permission) leaves the
+        previous file at ``path`` as it was and no temporary file behind."""
+        bad = [k for k, v in self.macl.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"Non-finite weights after epoch {self.current_epoch}/{self.config.epochs} ({_first(bad, 3)}); "
+                f"not writing {path}, the previous checkpoint is kept. Try a lower --lr.")
         ckpt = {
             "network_weights": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
             "macl": self.macl_metadata(),
@@ -405,34 +498,85 @@ class MACLPretrainer:
             "rng": _rng_state(),
             "logging": {k: [float(x) for x in v] for k, v in self.logging.items()},
         }
-        save_checkpoint_atomic(ckpt, path)
+        existed = os.path.isfile(path)
+        try:
+            save_checkpoint_atomic(ckpt, path)
+        except OSError as e:
+            reason = e.strerror or str(e) or type(e).__name__
+            kept = (f"the previous {os.path.basename(path)} is unchanged" if existed
+                    else f"no {os.path.basename(path)} was written")
+            raise CheckpointError(f"Could not write checkpoint {path} ({reason}); {kept} and no partial file was "
+                                  f"left behind. Free disk space or fix permissions, then continue with --c") from None
 
     def load_checkpoint(self, path: str) -> None:
-        """Resume from a checkpoint written by :meth:`save_checkpoint` (weights_only load)."""
+        """Resume from a checkpoint written by :meth:`save_checkpoint` (weights_only load).
+
+        Everything is checked before anything is changed; a checkpoint that does not fit (another
+        architecture, input channels, method, ...) raises :class:`CheckpointError` with one line.
+        """
         if not self.was_initialized:
             self.initialize()
         ckpt = load_checkpoint(path, map_location=self.device)
         meta = ckpt.get("macl")
-        if meta is None or "network_weights" not in ckpt:
+        if not isinstance(meta, dict) or not isinstance(ckpt.get("network_weights"), dict):
             raise CheckpointError(f"{path} is not a MACL pretraining checkpoint (no 'macl'/'network_weights' entries)")
+        missing = [k for k in ("optimizer", "lr_scheduler", "heads") if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            raise CheckpointError(f"Cannot resume from {path}: it lacks the resume state {missing} "
+                                  f"(a weights-only export?); start a new pretraining instead")
         mine = self.macl_metadata()
-        for key in ("plans_identifier", "configuration", "network_arch_class_name", "decoder_blocks", "method"):
+        prefix = f"Cannot resume from {path}:"
+        if meta.get("input_channels") is not None and int(meta["input_channels"]) != mine["input_channels"]:
+            raise CheckpointError(
+                f"{prefix} input-channel mismatch: it was pretrained on {meta['input_channels']} input channel(s), "
+                f"the data of this run has {mine['input_channels']}, and resuming has no rule to adapt the first "
+                f"convolution; use data with {meta['input_channels']} channel(s) or start a new pretraining "
+                f"(remove the output folder)")
+        for key in ("plans_identifier", "configuration"):
             if meta.get(key) != mine[key]:
-                raise CheckpointError(f"Cannot resume from {path}: it was written with {key} = {meta.get(key)!r}, "
+                raise CheckpointError(f"{prefix} it was written with {key} = {meta.get(key)!r}, "
                                       f"this run uses {mine[key]!r}")
+        net_state = self.network.state_dict()
+        mismatches = _state_dict_mismatches(net_state, ckpt["network_weights"])
+        arch_diff = []
+        if meta.get("network_arch_class_name") != mine["network_arch_class_name"]:
+            arch_diff.append(f"{meta.get('network_arch_class_name')} vs {mine['network_arch_class_name']}")
+        theirs = meta.get("network_arch_init_kwargs") or {}
+        for k, v in mine["network_arch_init_kwargs"].items():
+            if k in theirs and theirs[k] != v:
+                arch_diff.append(f"{k}: checkpoint {theirs[k]} vs this run {v}")
+        if mismatches or arch_diff:
+            raise CheckpointError(
+                f"{prefix} it is a checkpoint of another architecture"
+                + (f" ({_first(arch_diff, 3)})" if arch_diff else "")
+                + (f"; first mismatched keys: {_first(mismatches)}" if mismatches else "")
+                + "; start a new pretraining (remove the output folder) or use the plans it was written with")
+        ours = {"decoder_blocks": mine["decoder_blocks"], "method": mine["method"],
+                "encoder_mode": self.config.encoder_mode}
+        theirs_run = {"decoder_blocks": meta.get("decoder_blocks"), "method": meta.get("method"),
+                      "encoder_mode": (meta.get("config") or {}).get("encoder_mode", self.config.encoder_mode)}
+        for key, value in ours.items():
+            if theirs_run[key] != value:
+                raise CheckpointError(f"{prefix} it was written with {key} = {theirs_run[key]!r}, "
+                                      f"this run uses {value!r}")
+        head_mismatches = _state_dict_mismatches(self.macl.heads_state_dict(), ckpt["heads"])
+        if head_mismatches:
+            raise CheckpointError(f"{prefix} its projection heads do not fit this run; first mismatched keys: "
+                                  f"{_first(head_mismatches)}")
         try:
             self.network.load_state_dict(ckpt["network_weights"], strict=True)
             self.macl.load_state_dict({**{"network." + k: v for k, v in ckpt["network_weights"].items()},
                                        **ckpt["heads"]}, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"Cannot resume from {path}: {str(e).splitlines()[0]} "
-                                  f"{' '.join(str(e).splitlines()[1:3])}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
-        if self.grad_scaler is not None and ckpt.get("grad_scaler"):
-            self.grad_scaler.load_state_dict(ckpt["grad_scaler"])
-        if ckpt.get("rng"):
-            _set_rng_state(ckpt["rng"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.grad_scaler is not None and ckpt.get("grad_scaler"):
+                self.grad_scaler.load_state_dict(ckpt["grad_scaler"])
+            if ckpt.get("rng"):
+                _set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise CheckpointError(f"{prefix} its resume state does not fit ({type(e).__name__}: {first[:300]})") \
+                from None
         self.logging = {k: list(v) for k, v in ckpt.get("logging", {}).items()} or self.logging
         self.current_epoch = int(meta["epoch"])
         self.print_to_log_file(f"Resumed from {path} at epoch {self.current_epoch}")
