@@ -15,6 +15,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +91,6 @@ def run_error(capsys, argv: list[str], *fragments: str, before_training: bool = 
         assert lines == errors, err[-3000:]  # nothing else on stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
-    import sys; sys.__stderr__.write('MSG ' + errors[0] + '\n')
     return errors[0]
 
 
@@ -115,6 +116,32 @@ def place_checkpoint(ds: dict, data: bytes) -> Path:
 
 
 # -- errors found before training: nothing is written ---------------------------------------------
+def test_console_script_prints_one_line_and_exits_2(nnunet_env):
+    """The real entry point in its own process: no traceback, one line, exit code 2."""
+    before = snapshot(nnunet_env["results"])
+    proc = subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.pretrain", *args_for(979)],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("macl_pretrain: error: Unknown dataset '979'")
+    assert snapshot(nnunet_env["results"]) == before
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--threshold", "abc"], "argument --threshold: invalid float value: 'abc'"),
+    (["--lambdas", "1,2"], "argument --lambdas: expected 3 comma-separated numbers"),
+])
+def test_bad_option_values_one_line(nnunet_env, capsys, argv, expected):
+    before = snapshot(nnunet_env["results"])
+    with pytest.raises(SystemExit) as exc:
+        main([*args_for(979), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("macl_pretrain: error: ") and expected in err, err
+    assert snapshot(nnunet_env["results"]) == before
+
+
 @pytest.mark.parametrize("dataset", ["979", "Dataset979_DoesNotExist"])
 def test_unknown_dataset(nnunet_env, capsys, dataset):
     before = snapshot(nnunet_env["results"])
@@ -246,7 +273,8 @@ def test_crafted_pickle_checkpoint_is_refused(nnunet_env, tiny_dataset, trained,
     torch.save(crafted, tmp)
     path = place_checkpoint(ds, tmp.read_bytes())
     before = snapshot(ds["output"].parent)
-    run_error(capsys, [*args_for(ds), "--c"], f"Refusing to load {path}", "could execute code")
+    run_error(capsys, [*args_for(ds), "--c"], f"Refusing to load {path}", "could execute code",
+              "Only weights_only checkpoints are accepted")
     assert not marker.exists()
     assert snapshot(ds["output"].parent) == before
     # the file really is malicious: an unsafe load runs its code

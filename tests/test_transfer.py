@@ -314,7 +314,7 @@ def test_default_lookup_none_one_several(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------- trainer, cross-dataset
-DATASET_B = 993
+DATASET_B = 961  # not used by other tests (990-994, 971, 972, 980, 504 are)
 PLANS_B = "nnUNetPlansFrom990"
 
 

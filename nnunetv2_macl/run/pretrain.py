@@ -179,9 +179,16 @@ def _floats(text: str, n: int | None = None) -> tuple[float, ...]:
     return values
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse's usage errors as one line (``macl_pretrain: error: ...``), exit code 2 as usual."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = MACLConfig()
-    p = argparse.ArgumentParser(
+    p = _OneLineErrorParser(
         prog="macl_pretrain",
         description="MACL self-supervised pretraining (no labels) of the network nnU-Net plans for a dataset. "
                     "Writes $nnUNet_results/DatasetXXX_Name/MACLPretrainer__<plans>__<configuration>/.")

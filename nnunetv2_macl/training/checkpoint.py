@@ -95,7 +95,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         text = str(e)
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if unsafe or "Unsupported class" in text:
-            what = f" ({unsafe.group(1)})" if unsafe else ""
+            what = f" (it references {unsafe.group(1)})" if unsafe else ""
             raise CheckpointError(
                 f"Refusing to load {path}: it contains pickled objects other than tensors and plain "
                 f"containers{what}; loading it could execute code. Only weights_only checkpoints are accepted."

@@ -26,7 +26,7 @@ from nnunetv2_macl.data.slice_dataset import (
     DatasetError, EpochPermutationSampler, PretrainPatchDataset, PretrainSliceDataset)
 from nnunetv2_macl.losses import MultiLevelContrastiveLoss
 from nnunetv2_macl.model.macl_network import MACLNetwork, pretrained_prefixes, required_divisor
-from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint_atomic
+from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
 from nnunetv2_macl.training.progress import plot_progress
 
@@ -318,6 +318,7 @@ class MACLPretrainer:
             except OSError as e:
                 raise PermissionError(f"Output folder {self.output_folder} cannot be created: "
                                       f"{e.strerror or e}") from None
+            self.remove_stale_temporary_checkpoints()
             if self.log_file is None:
                 self.log_file = os.path.join(self.output_folder,
                                              f"training_log_{datetime.now().strftime('%Y_%m_%d_%H_%M_%S')}.txt")
@@ -331,6 +332,16 @@ class MACLPretrainer:
                 + (f", autocast {self.amp_dtype}" if self.amp_dtype else ""))
             with open(os.path.join(self.output_folder, "macl_config.json"), "w") as f:
                 json.dump(self.config.to_dict(), f, indent=2)
+
+    def remove_stale_temporary_checkpoints(self) -> None:
+        """A run killed while writing a checkpoint leaves its temporary file (never a half-written
+        checkpoint: the rename did not happen); remove such leftovers."""
+        for name in os.listdir(self.output_folder):
+            if name.startswith(TMP_PREFIX + "checkpoint_"):
+                try:
+                    os.remove(os.path.join(self.output_folder, name))
+                except OSError:
+                    pass
 
     def on_epoch_start(self) -> None:
         self.sampler.set_epoch(self.current_epoch)

@@ -1,0 +1,119 @@
+"""The few-label benchmark's pair of trainers: MACL fine-tuning and scratch, identical schedule and seed.
+
+``nnUNetTrainerMACL_bench`` (weights from a MACL/PCL/SimCLR pretraining, see ``nnUNetTrainerMACL``; the
+checkpoint comes from ``MACL_PRETRAINED``) and ``nnUNetTrainerScratch_bench`` (nnU-Net's own trainer,
+random initialisation) differ in nothing but the initial weights of the pretrained parts. Used by
+``pretrain/fewlabel_benchmark.py`` through stock ``nnUNetv2_train`` (found via ``nnUNet_extTrainer``)::
+
+    MACL_BENCH_EPOCHS=50 MACL_BENCH_ITERS=50 MACL_PRETRAINED=/path/checkpoint_final.pth \\
+        nnUNetv2_train 504 2d 0 -tr nnUNetTrainerMACL_bench -device cuda
+    MACL_BENCH_EPOCHS=50 MACL_BENCH_ITERS=50 nnUNetv2_train 504 2d 0 -tr nnUNetTrainerScratch_bench -device cuda
+
+Schedule and seed, read from the environment when the trainer is built (both trainers read the same
+variables; the values are written to the training log):
+
+==========================  =======  ==================================================================
+variable                    default  meaning
+==========================  =======  ==================================================================
+``MACL_BENCH_EPOCHS``       50       epochs (nnU-Net's poly learning-rate decay spans them)
+``MACL_BENCH_ITERS``        50       training iterations (batches) per epoch
+``MACL_BENCH_VAL_ITERS``    10       validation iterations per epoch (only nnU-Net's pseudo Dice /
+                                     best-checkpoint bookkeeping; the reported Dice comes from the
+                                     final full validation, which predicts every validation case)
+``MACL_BENCH_SEED``         12345    seeds python's ``random``, numpy and torch (CPU and CUDA) in the
+                                     trainer's process before the network is built
+==========================  =======  ==================================================================
+
+Seeding: stock nnU-Net trainings are not seeded. Here the training process is, so scratch and MACL runs
+start from the same random initialisation of every part that is not pretrained (with the same seed the
+scratch network equals the MACL network before the transfer). The runs are still not bit-for-bit
+reproducible: nnU-Net's data augmentation runs in ``nnUNet_n_proc_DA`` worker processes with their own
+unseeded random state, and cuDNN picks non-deterministic kernels.
+
+nnU-Net imports this file by path as a top-level module and returns the first attribute of a
+trainer's name that it meets, so only the two benchmark classes are public names here (base classes
+are reached through underscore-prefixed module aliases, as in ``demo_trainers.py``).
+"""
+from __future__ import annotations
+
+import os
+import random as _random
+
+import numpy as _np
+import torch
+
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _nnunet_trainer_module
+import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
+
+BENCH_EPOCHS_ENV = "MACL_BENCH_EPOCHS"
+BENCH_ITERS_ENV = "MACL_BENCH_ITERS"
+BENCH_VAL_ITERS_ENV = "MACL_BENCH_VAL_ITERS"
+BENCH_SEED_ENV = "MACL_BENCH_SEED"
+DEFAULT_BENCH_SCHEDULE = {BENCH_EPOCHS_ENV: 50, BENCH_ITERS_ENV: 50, BENCH_VAL_ITERS_ENV: 10}
+DEFAULT_BENCH_SEED = 12345
+
+
+def _int_from_env(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return int(default)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def bench_schedule() -> tuple[int, int, int]:
+    """``(epochs, train iterations per epoch, val iterations per epoch)`` of both benchmark trainers."""
+    return tuple(_int_from_env(k, v, 1) for k, v in DEFAULT_BENCH_SCHEDULE.items())
+
+
+def bench_seed() -> int:
+    return _int_from_env(BENCH_SEED_ENV, DEFAULT_BENCH_SEED, 0)
+
+
+def _setup(trainer) -> None:
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = bench_schedule()
+    seed = bench_seed()
+    trainer.macl_bench_seed = seed
+    _random.seed(seed)
+    _np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _log(trainer) -> None:
+    trainer.print_to_log_file(
+        f"few-label benchmark schedule: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} training / "
+        f"{trainer.num_val_iterations_per_epoch} validation iterations, seed {trainer.macl_bench_seed} (identical "
+        f"for nnUNetTrainerMACL_bench and nnUNetTrainerScratch_bench)", also_print_to_console=True)
+
+
+class nnUNetTrainerMACL_bench(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL fine-tuning with the benchmark schedule and seed (see module doc)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _setup(self)
+
+    def on_train_start(self):
+        super().on_train_start()
+        _log(self)
+
+
+class nnUNetTrainerScratch_bench(_nnunet_trainer_module.nnUNetTrainer):
+    """Scratch counterpart of :class:`nnUNetTrainerMACL_bench`: same schedule and seed, random initialisation."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _setup(self)
+
+    def on_train_start(self):
+        super().on_train_start()
+        _log(self)
