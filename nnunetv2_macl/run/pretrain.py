@@ -273,4 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m nnunetv2_macl.run.pretrain``: run the imported module's main, not this __main__ copy,
+    # whose UsageError would be a different class from the one in nnunetv2_macl.errors.USER_ERRORS
+    from nnunetv2_macl.run.pretrain import main as _main
+
+    sys.exit(_main())
