@@ -202,7 +202,7 @@ def test_single_slice_volumes_refused_for_positions_accepted_for_simclr(nnunet_e
 def test_crop_too_small_for_network_stride_and_lambda(nnunet_env, tiny_dataset, capsys):
     ds = make_dataset(nnunet_env, tiny_dataset, 951)
     before = snapshot(nnunet_env["results"])
-    # N = 1: lambda = 1/2, total stride 8 -> each axis a multiple of 16 and >= 32
+    # N = 1: lambda = 1/2, total stride 8 -> each axis a multiple of 16, dominant bottleneck > 1 voxel
     run_error(capsys, [*args_for(ds), "--crop-size", "16,16"], "Crop [16, 16] is too small",
               "stride x 1/lambda = [16, 16]")
     assert snapshot(nnunet_env["results"]) == before
@@ -315,19 +315,17 @@ def test_input_channel_mismatch_on_resume(nnunet_env, tiny_dataset, trained, cap
 
 
 # -- during training: the last good checkpoint survives ------------------------------------------
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(nnunet_env, tiny_dataset, capsys, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(nnunet_env, tiny_dataset, trained, capsys, monkeypatch):
     from nnunetv2_macl.losses.multilevel import MultiLevelContrastiveLoss
     from nnunetv2_macl.training.pretrainer import MACLPretrainer
 
     ds = make_dataset(nnunet_env, tiny_dataset, 958)
-    latest = ds["output"] / "checkpoint_latest.pth"
-    state = {"poison": False, "bytes": None}
+    latest = place_checkpoint(ds, trained["checkpoint"])  # epoch 1 done; --c continues with epoch 2
+    state = {"poison": False}
     real_epoch_start, real_forward = MACLPretrainer.on_epoch_start, MultiLevelContrastiveLoss.forward
 
     def on_epoch_start(self):
-        if self.current_epoch == 1:  # the 2nd epoch: from its first step on, Ld is NaN
-            state["bytes"] = latest.read_bytes()
-            state["poison"] = True
+        state["poison"] = self.current_epoch == 1  # the 2nd epoch: from its first step on, Ld is NaN
         real_epoch_start(self)
 
     def forward(self, outputs, positions):
@@ -339,47 +337,45 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(nnunet_env, tiny_dataset,
 
     monkeypatch.setattr(MACLPretrainer, "on_epoch_start", on_epoch_start)
     monkeypatch.setattr(MultiLevelContrastiveLoss, "forward", forward)
-    run_error(capsys, args_for(ds, "--save-every", "1", epochs=3),
+    run_error(capsys, [*args_for(ds, "--save-every", "1", epochs=3), "--c"],
               "Non-finite loss at epoch 2/3, iteration 1/2 (global step 2): Ld = nan",
               f"the last good checkpoint {latest} is kept", before_training=False)
-    assert state["bytes"] is not None and latest.read_bytes() == state["bytes"]  # byte-identical
+    assert state["poison"] and latest.read_bytes() == trained["checkpoint"]  # byte-identical
     assert load_checkpoint(str(latest))["macl"]["epoch"] == 1
     assert not (ds["output"] / "checkpoint_final.pth").exists()
     assert no_tmp_files(ds["output"])
 
 
 @pytest.mark.parametrize("failing", ["torch.save", "os.replace"])
-def test_disk_full_during_save_keeps_previous_checkpoint(nnunet_env, tiny_dataset, capsys, monkeypatch, failing):
+def test_disk_full_during_save_keeps_previous_checkpoint(nnunet_env, tiny_dataset, trained, capsys, monkeypatch,
+                                                         failing):
     ds = make_dataset(nnunet_env, tiny_dataset, 959)
-    latest = ds["output"] / "checkpoint_latest.pth"
-    state = {"calls": 0, "bytes": None}
+    latest = place_checkpoint(ds, trained["checkpoint"])  # epoch 1; --c trains epoch 2, then saves
+    state = {"calls": 0}
     real_save, real_replace = torch.save, os.replace
 
-    def disk_full_on_second_checkpoint() -> None:
+    def disk_full() -> None:
         state["calls"] += 1
-        if state["calls"] >= 2:  # epoch 1's checkpoint_latest.pth was written; the next write fails
-            state["bytes"] = latest.read_bytes()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def save(obj, f, *args, **kwargs):
-        if hasattr(f, "write") and state["calls"] >= 1:
+        if hasattr(f, "write"):
             f.write(b"half a checkpoint")  # a partial temporary file exists when the disk fills up
-        disk_full_on_second_checkpoint()
-        return real_save(obj, f, *args, **kwargs)
+        disk_full()
 
     def replace(src, dst, *args, **kwargs):
         if str(dst).endswith(".pth"):
-            disk_full_on_second_checkpoint()
+            disk_full()
         return real_replace(src, dst, *args, **kwargs)
 
     if failing == "torch.save":
         monkeypatch.setattr(torch, "save", save)
     else:
         monkeypatch.setattr(os, "replace", replace)
-    run_error(capsys, args_for(ds, "--save-every", "1", epochs=2),
+    run_error(capsys, [*args_for(ds, "--save-every", "1", epochs=2), "--c"],
               f"Could not write checkpoint {latest} (No space left on device)",
               "the previous checkpoint_latest.pth is unchanged", "no partial file", before_training=False)
-    assert state["bytes"] is not None and latest.read_bytes() == state["bytes"]
-    assert load_checkpoint(str(latest))["macl"]["epoch"] == 1
+    assert state["calls"] == 1
+    assert latest.read_bytes() == trained["checkpoint"]  # byte-identical
     assert not (ds["output"] / "checkpoint_final.pth").exists()
     assert no_tmp_files(ds["output"]), sorted(p.name for p in ds["output"].iterdir())

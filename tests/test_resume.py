@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from nnunetv2_macl.run.pretrain import main
@@ -104,7 +103,8 @@ def test_kill9_then_resume_matches_uninterrupted_run(nnunet_env, tiny_dataset, t
         log.close()
     assert killed_at is not None, (tmp_path / "killed_run.log").read_text()[-3000:]
     assert proc.returncode == -signal.SIGKILL
-    assert killed_at == 2, f"the kill came late (latest was at epoch {killed_at}); the machine is very slow"
+    # normally 2; on a starved machine the poll may first see epoch 3, which tests the same property
+    assert 2 <= killed_at < 4, killed_at
     assert not (killed["output"] / "checkpoint_final.pth").exists()
 
     # 3. resume for the remaining 2 epochs (a temporary file a kill during a save would leave is removed)

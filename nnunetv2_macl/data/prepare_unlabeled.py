@@ -333,7 +333,8 @@ def prepare_unlabeled_dataset(input_folder: str, dataset_id: int, name: str, mod
     cases = [f"{name}_{i:0{width}d}" for i in range(len(sources))]
     if log:
         log(f"Found {len(sources)} volume(s) in {input_folder}"
-            + (f" ({len(ignored)} other file(s) ignored)" if ignored else "") + f"; writing {dataset_name} ({modality})")
+            + (f" ({len(ignored)} other file(s) ignored)" if ignored else "")
+            + f"; writing {dataset_name} ({modality})")
 
     final = os.path.join(raw_root, dataset_name)
     tmp = os.path.join(raw_root, f".{dataset_name}.partial-{os.getpid()}")

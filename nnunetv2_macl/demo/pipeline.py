@@ -178,7 +178,7 @@ def _stream(cmd: list[str], env: dict, prefix: str, log_file: Path, timeout: flo
     t0 = time.perf_counter()
     last_progress = -1e9
     tail: list[str] = []
-    with open(log_file, "w") as log:
+    with open(log_file, "w", buffering=1) as log:
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", bufsize=1)

@@ -10,6 +10,12 @@ Segmentation Pre-training", IEEE TMI 2024):
 lambda per axis is 1 / product of the strides of the last N encoder stages, so that the dominant
 decoder output and the auxiliary bottleneck have the same spatial size. The wrapped ``network`` is
 the untouched nnU-Net network: its ``state_dict()`` is what fine-tuning loads, key for key.
+
+2-D and 3-D: strides, lambda and the crop divisor are per axis (anisotropic 3-D plans such as a last
+stage with stride [1, 2, 2] give a different lambda per axis). Residual encoders (nnU-Net's ResEnc
+presets, ``ResidualEncoderUNet``): the stem runs inside ``encoder.forward``, so both branches pass
+through it and it is trained and saved under ``encoder.stem.*`` (and its alias
+``decoder.encoder.stem.*``), which the ``"encoder."`` prefix of :func:`pretrained_prefixes` covers.
 """
 from __future__ import annotations
 

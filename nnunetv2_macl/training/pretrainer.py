@@ -25,7 +25,8 @@ from nnunetv2_macl.data.augmentation import RandomIntensityTransform, RandomSpat
 from nnunetv2_macl.data.slice_dataset import (
     DatasetError, EpochPermutationSampler, PretrainPatchDataset, PretrainSliceDataset)
 from nnunetv2_macl.losses import MultiLevelContrastiveLoss
-from nnunetv2_macl.model.macl_network import MACLNetwork, pretrained_prefixes, required_divisor
+from nnunetv2_macl.model.macl_network import (
+    MACLNetwork, crop_problems, fitting_crop_size, pretrained_prefixes, required_divisor)
 from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
 from nnunetv2_macl.training.progress import plot_progress
@@ -233,23 +234,19 @@ class MACLPretrainer:
                                       deep_supervision=True)
 
     def determine_crop_size(self) -> list[int]:
-        """The plan's patch size rounded up to a multiple d of stride x 1/lambda, and at least 2 d so
-        that the dominant branch's bottleneck keeps more than one voxel per axis (instance norm needs
-        that); a user's crop must satisfy the same rule."""
-        divisor = required_divisor(self.network, self.config.decoder_blocks)
+        """The smallest crop holding the plan's patch size whose axes are multiples of stride x 1/lambda
+        and whose dominant bottleneck keeps more than one voxel (instance norm needs that); a user's
+        ``--crop-size`` must satisfy the same rules (see ``crop_problems``)."""
         if self.config.crop_size is not None:
             crop = [int(c) for c in self.config.crop_size]
-            if len(crop) != len(divisor):
-                raise ConfigError(f"--crop-size needs {len(divisor)} values for configuration "
-                                  f"{self.configuration_name!r}, got {crop}")
-            if any(c < 2 * d or c % d for c, d in zip(crop, divisor)):
+            problems = crop_problems(self.network, self.config.decoder_blocks, crop)
+            if problems:
+                divisor = required_divisor(self.network, self.config.decoder_blocks)
                 raise ConfigError(
-                    f"Crop {crop} is too small or not divisible for this network: each axis must be a multiple of "
-                    f"stride x 1/lambda = {divisor} and at least twice it ({[2 * d for d in divisor]}) "
-                    f"(N = {self.config.decoder_blocks} decoder blocks)")
+                    f"Crop {crop} is too small or not divisible for this network (stride x 1/lambda = {divisor} "
+                    f"with N = {self.config.decoder_blocks} decoder blocks): " + "; ".join(problems))
             return crop
-        patch = self.configuration_manager.patch_size
-        return [max(int(math.ceil(p / d) * d), 2 * d) for p, d in zip(patch, divisor)]
+        return fitting_crop_size(self.network, self.config.decoder_blocks, self.configuration_manager.patch_size)
 
     def get_dataset(self):
         ndim = len(self.configuration_manager.patch_size)
@@ -522,8 +519,9 @@ class MACLPretrainer:
     def load_checkpoint(self, path: str) -> None:
         """Resume from a checkpoint written by :meth:`save_checkpoint` (weights_only load).
 
-        Everything is checked before anything is changed; a checkpoint that does not fit (another
-        architecture, input channels, method, ...) raises :class:`CheckpointError` with one line.
+        The checkpoint is checked against this run before any state is loaded; one that does not fit
+        (another architecture, input channels, method, ...) raises :class:`CheckpointError` with one
+        line listing the first mismatches.
         """
         if not self.was_initialized:
             self.initialize()
