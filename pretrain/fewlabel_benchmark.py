@@ -73,9 +73,10 @@ from typing import Sequence
 
 import numpy as np
 
-# The demo's subprocess helpers (environment, console-script lookup, streamed output, summary.json reading).
-from nnunetv2_macl.demo.pipeline import (DemoError, _find_executable, _set_default_process_counts, _stream,
-                                         _subprocess_env, read_summary)
+# The demo's helpers: subprocess environment, console-script lookup, streamed output with a timeout,
+# temporarily set environment variables, reading nnU-Net's summary.json.
+from nnunetv2_macl.demo.pipeline import (DemoError, _find_executable, _stream, _subprocess_env, _temporary_environ,
+                                         read_summary)
 
 CONFIGURATION = "2d"
 PLANS = "nnUNetPlans"
@@ -91,13 +92,21 @@ PROFILES: dict[str, dict] = {
     # tiny; the pipeline and the tables, not the gain (measured in tests/test_fewlabel_benchmark.py)
     "cpu-smoke": dict(dataset="synthetic", num_cases=10, shape=(16, 32, 32), dataset_id=981, budgets=(2, 4),
                       n_splits=5, folds=1, methods=("scratch", "macl"), pretrain_epochs=1, pretrain_batch_size=8,
-                      finetune_epochs=2, iters=4, val_iters=1, max_val_cases=None, device="cpu", jobs=1,
-                      pretrain_workers=0, deadline_min=None, hard_deadline_min=None, overlay_cases=2),
+                      finetune_epochs=2, iters=4, val_iters=1, finetune_batch_size=None, max_val_cases=None,
+                      device="cpu", jobs=1, procs=1, pretrain_workers=0, deadline_min=None, hard_deadline_min=None,
+                      overlay_cases=2),
     # the measurement; see the estimate in pretrain/run_gpu_benchmark.sh
     "gpu": dict(dataset="msd", raw=None, dataset_id=504, budgets=(4, 10, 20), n_splits=5, folds=5,
                 methods=("scratch", "macl", "pcl", "simclr"), pretrain_epochs=10, pretrain_batch_size=64,
-                finetune_epochs=20, iters=25, val_iters=5, max_val_cases=None, device="cuda", jobs=4,
-                pretrain_workers=3, deadline_min=5.5, hard_deadline_min=8.0, overlay_cases=3),
+                finetune_epochs=15, iters=20, val_iters=5, finetune_batch_size=None, max_val_cases=None,
+                device="cuda", jobs=4, procs=None, pretrain_workers=3, deadline_min=5.5, hard_deadline_min=7.5,
+                overlay_cases=3),
+    # a CPU-sized look at the real data (2 cores: ~20 min; see docs/RESULTS.md): 1 fold, M in {4, 10},
+    # fine-tuning with batch 32 instead of the plans' 281 and 10 validation cases
+    "cpu-real": dict(dataset="msd", raw=None, dataset_id=504, budgets=(4, 10), n_splits=5, folds=1,
+                     methods=("scratch", "macl"), pretrain_epochs=1, pretrain_batch_size=16, finetune_epochs=5,
+                     iters=12, val_iters=2, finetune_batch_size=32, max_val_cases=10, device="cpu", jobs=1, procs=None,
+                     pretrain_workers=0, deadline_min=None, hard_deadline_min=None, overlay_cases=3),
 }
 
 
@@ -127,9 +136,11 @@ class Settings:
     finetune_epochs: int = 2
     iters: int = 4
     val_iters: int = 1
+    finetune_batch_size: int | None = None  # None: the plans' batch size (stock nnU-Net)
     max_val_cases: int | None = None
     device: str = "cpu"
     jobs: int = 1
+    procs: int | None = None               # nnU-Net worker processes per run (None: processes_per_job)
     seed: int = 12345
     deadline_min: float | None = None       # no run is launched after this many minutes
     hard_deadline_min: float | None = None  # runs still going at this time are stopped
@@ -148,7 +159,7 @@ class Settings:
     def fingerprint(self) -> dict:
         """What must match for --resume to reuse finished runs (timing/parallelism knobs excluded)."""
         d = self.to_dict()
-        for k in ("jobs", "deadline_min", "hard_deadline_min", "overlay_cases", "profile", "pretrain_workers"):
+        for k in ("jobs", "procs", "deadline_min", "hard_deadline_min", "overlay_cases", "profile", "pretrain_workers"):
             d.pop(k)
         return d
 
@@ -182,6 +193,9 @@ def validate_settings(s: Settings) -> None:
         raise BenchmarkError(f"device must be 'cpu' or 'cuda', got {s.device!r}")
     for name in ("pretrain_epochs", "pretrain_batch_size", "finetune_epochs", "iters", "val_iters", "jobs"):
         if int(getattr(s, name)) < 1:
+            raise BenchmarkError(f"{name} must be >= 1, got {getattr(s, name)}")
+    for name in ("finetune_batch_size", "procs"):
+        if getattr(s, name) is not None and int(getattr(s, name)) < 1:
             raise BenchmarkError(f"{name} must be >= 1, got {getattr(s, name)}")
     if s.max_val_cases is not None and s.max_val_cases < 1:
         raise BenchmarkError(f"max_val_cases must be >= 1, got {s.max_val_cases}")
@@ -471,11 +485,12 @@ def _execute(task: Task, s: Settings, workdir: Path, ds: dict, env0: dict, timeo
             raise DemoError(f"macl_pretrain --method {task.method} finished without writing {ckpt}")
         task.extra["checkpoint"] = str(ckpt)
         return
-    from nnunetv2_macl.trainers.benchmark_trainers import (BENCH_EPOCHS_ENV, BENCH_ITERS_ENV, BENCH_SEED_ENV,
-                                                           BENCH_VAL_ITERS_ENV)
+    from nnunetv2_macl.trainers.benchmark_trainers import (BENCH_BATCH_ENV, BENCH_EPOCHS_ENV, BENCH_ITERS_ENV,
+                                                           BENCH_SEED_ENV, BENCH_VAL_ITERS_ENV)
 
     env.update({BENCH_EPOCHS_ENV: str(s.finetune_epochs), BENCH_ITERS_ENV: str(s.iters),
-                BENCH_VAL_ITERS_ENV: str(s.val_iters), BENCH_SEED_ENV: str(s.seed)})
+                BENCH_VAL_ITERS_ENV: str(s.val_iters), BENCH_SEED_ENV: str(s.seed),
+                BENCH_BATCH_ENV: "" if s.finetune_batch_size is None else str(s.finetune_batch_size)})
     if task.method in PRETRAIN_METHODS:
         env["MACL_PRETRAINED"] = str(pretrain_checkpoint(workdir, task.method, ds["name"]))
     else:
@@ -504,8 +519,12 @@ def _check_validation_cases(task: Task, ds: dict, plan: dict, workdir: Path) -> 
 
 
 def run_benchmark(workdir: str | os.PathLike, settings: Settings, resume: bool = False) -> dict:
-    """Run the benchmark (module doc) and write the report; returns ``fewlabel_result.json``'s content."""
-    _set_default_process_counts()
+    """Run the benchmark (module doc) and write the report; returns ``fewlabel_result.json``'s content.
+
+    nnU-Net's path variables point into ``workdir`` while it runs (restored on return); the user's own
+    nnU-Net folders are never read or written. Raises :class:`BenchmarkError` for bad settings; a
+    failing pretraining or training is recorded (``run_log``) and the others go on.
+    """
     s = settings
     validate_settings(s)
     if s.device == "cuda":
@@ -517,10 +536,18 @@ def run_benchmark(workdir: str | os.PathLike, settings: Settings, resume: bool =
     started = datetime.datetime.now().astimezone()
     workdir = Path(workdir).resolve()
     state = _prepare_workdir(workdir, s, resume)
+    values = {"nnUNet_raw": str(workdir / "nnUNet_raw"), "nnUNet_preprocessed": str(workdir / "nnUNet_preprocessed"),
+              "nnUNet_results": str(workdir / "results" / "_unused")}
+    cores = str(max(1, min(os.cpu_count() or 1, 8)))
+    for name in ("nnUNet_def_n_proc", "nnUNet_n_proc_DA"):  # nnU-Net's defaults assume 8+ cores
+        values[name] = os.environ.get(name) or cores
     for sub in ("nnUNet_raw", "nnUNet_preprocessed"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
-        os.environ[sub] = str(workdir / sub)
-    os.environ["nnUNet_results"] = str(workdir / "results" / "_unused")
+    with _temporary_environ(values):
+        return _run(workdir, s, state, resume, t_start, started)
+
+
+def _run(workdir: Path, s: Settings, state: dict, resume: bool, t_start: float, started) -> dict:
     timings: dict[str, float] = {}
 
     # -- dataset, plans, preprocessing ---------------------------------------------------------------
@@ -557,7 +584,7 @@ def run_benchmark(workdir: str | os.PathLike, settings: Settings, resume: bool =
             elif t.kind == "train" and (run_folder(workdir, t.method, ds["name"], t.index) / "validation" /
                                         "summary.json").is_file():
                 t.status = "reused"
-    per_job = processes_per_job(s.jobs)
+    per_job = s.procs or processes_per_job(s.jobs)
     deadline = None if s.deadline_min is None else t_start + 60.0 * s.deadline_min
     hard = None if s.hard_deadline_min is None else t_start + 60.0 * s.hard_deadline_min
     ok = ("done", "reused")
@@ -583,6 +610,12 @@ def run_benchmark(workdir: str | os.PathLike, settings: Settings, resume: bool =
                     break
                 t = ready[0]
                 pending.remove(t)
+                durations = [x.seconds for x in tasks if x.kind == t.kind and x.status == "done"]
+                if hard is not None and durations and time.perf_counter() + float(np.median(durations)) > hard:
+                    t.status = "cut"
+                    t.message = (f"not started: a {t.kind} takes ~{np.median(durations):.0f} s, more than is left "
+                                 f"before the hard deadline ({s.hard_deadline_min} min)")
+                    continue
                 t.status = "running"
                 timeout = None if hard is None else max(1.0, hard - time.perf_counter())
                 t.extra["t0"] = time.perf_counter()
@@ -602,9 +635,13 @@ def run_benchmark(workdir: str | os.PathLike, settings: Settings, resume: bool =
                     t.status = "done"
                     _say(f"{t.key} finished in {t.seconds:.0f} s")
                 except (DemoError, BenchmarkError, OSError, ValueError) as e:
-                    t.status = "failed"
                     t.message = " ".join(str(e).split())[:2000]
-                    _say(f"{t.key} FAILED after {t.seconds:.0f} s: {t.message[:500]}")
+                    if hard is not None and time.perf_counter() >= hard - 1.0 and "ran longer than" in t.message:
+                        t.status, t.message = "cut", f"stopped at the hard deadline ({s.hard_deadline_min} min)"
+                        _say(f"{t.key} stopped at the hard deadline after {t.seconds:.0f} s")
+                    else:
+                        t.status = "failed"
+                        _say(f"{t.key} FAILED after {t.seconds:.0f} s: {t.message[:500]}")
     timings["runs"] = time.perf_counter() - t_start - timings["prepare"]
 
     # -- report ---------------------------------------------------------------------------------------
@@ -660,20 +697,32 @@ def _class_names(rows: list[dict]) -> list[str]:
     return names
 
 
+def complete_folds(rows: list[dict], methods: Sequence[str], budget: int) -> list[int]:
+    """Folds of ``budget`` for which every method has a result."""
+    have = [{r["fold"] for r in rows if r["method"] == m and r["budget"] == budget} for m in methods]
+    return sorted(set.intersection(*have)) if have else []
+
+
 def aggregate(rows: list[dict], methods: Sequence[str], budgets: Sequence[int]) -> list[dict]:
-    """Per (budget, method): mean and sample sd over folds of every Dice column, the number of folds,
-    and the paired difference to scratch (mean over the folds both have) of the foreground mean."""
+    """Per (budget, method): mean and sample sd over folds of every Dice column and the paired
+    difference to scratch (foreground mean). Only folds that every method completed at that budget
+    count (like is compared with like; a run cut by a deadline leaves its fold out for all methods);
+    ``n_folds``/``folds`` say which, ``excluded_folds`` which runs of this method were left out."""
     cols = ["mean"] + _class_names(rows)
     out = []
     for b in budgets:
+        folds = complete_folds(rows, methods, b)
         for m in methods:
-            sel = [r for r in rows if r["method"] == m and r["budget"] == b]
-            rec: dict = {"budget": b, "method": m, "n_folds": len(sel), "folds": sorted(r["fold"] for r in sel)}
+            mine = [r for r in rows if r["method"] == m and r["budget"] == b]
+            sel = [r for r in mine if r["fold"] in folds]
+            rec: dict = {"budget": b, "method": m, "n_folds": len(sel), "folds": sorted(r["fold"] for r in sel),
+                         "excluded_folds": sorted(r["fold"] for r in mine if r["fold"] not in folds)}
             for c in cols:
                 vals = np.array([r.get(f"dice_{c}", float("nan")) for r in sel], dtype=float)
-                rec[f"dice_{c}_mean"] = float(np.nanmean(vals)) if len(vals) and not np.isnan(vals).all() else None
-                rec[f"dice_{c}_sd"] = float(np.nanstd(vals, ddof=1)) if np.count_nonzero(~np.isnan(vals)) > 1 else None
-            if m != "scratch":
+                finite = vals[~np.isnan(vals)]
+                rec[f"dice_{c}_mean"] = float(finite.mean()) if finite.size else None
+                rec[f"dice_{c}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else None
+            if m != "scratch" and "scratch" in methods:
                 scratch = {r["fold"]: r["dice_mean"] for r in rows if r["method"] == "scratch" and r["budget"] == b}
                 diffs = [r["dice_mean"] - scratch[r["fold"]] for r in sel if r["fold"] in scratch]
                 rec["delta_vs_scratch_mean"] = float(np.mean(diffs)) if diffs else None
@@ -718,7 +767,7 @@ def write_csvs(rows: list[dict], agg: list[dict], class_names: Sequence[str], re
     report.mkdir(parents=True, exist_ok=True)
     runs_csv, summary_csv = report / "fewlabel_runs.csv", report / "fewlabel_summary.csv"
     cols = ["method", "budget", "fold", "index", "n_train", "n_val", "dice_mean"] + \
-        [f"dice_{c}" for c in class_names] + ["summary_file"]
+        [f"dice_{c}" for c in class_names] + ["train_seconds", "summary_file"]
     with open(runs_csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -835,7 +884,7 @@ def overlay_figure(workdir: Path, ds: dict, plan: dict, rows: list[dict], method
     return path
 
 
-def _caption(s: Settings, ds: dict, plan: dict, run_log: list[dict] | None) -> str:
+def _caption(s: Settings, ds: dict, plan: dict, run_log: list[dict] | None, agg: list[dict] | None = None) -> str:
     meta = plan["meta"]
     n_val = sorted({len(r["val"]) for r in plan["index"]})
     pre = [m for m in s.methods if m in PRETRAIN_METHODS]
@@ -848,9 +897,11 @@ def _caption(s: Settings, ds: dict, plan: dict, run_log: list[dict] | None) -> s
         f"{meta['seed']}); {s.folds} fold(s); training sets nested over M = {', '.join(map(str, meta['budgets']))} "
         f"(first M of a seeded order of the fold's training part); identical for every method.",
         f"Fine-tuning: stock `nnUNetv2_train` with `{PRETRAINED_TRAINER}` / `{SCRATCH_TRAINER}`, "
-        f"{s.finetune_epochs} epochs x {s.iters} iterations (batch size of the plans: "
-        f"{ds['plans']['configurations'][CONFIGURATION]['batch_size']}), seed {s.seed}, device {s.device}; "
-        f"nnU-Net's default is 1000 x 250.",
+        f"{s.finetune_epochs} epochs x {s.iters} iterations of batch "
+        + (f"{s.finetune_batch_size} (MACL_BENCH_BATCH; the plans say "
+           f"{ds['plans']['configurations'][CONFIGURATION]['batch_size']})" if s.finetune_batch_size else
+           f"{ds['plans']['configurations'][CONFIGURATION]['batch_size']} (the plans')")
+        + f", seed {s.seed}, device {s.device}; nnU-Net's default is 1000 x 250 iterations.",
     ]
     if pre:
         lines.append(
@@ -858,6 +909,11 @@ def _caption(s: Settings, ds: dict, plan: dict, run_log: list[dict] | None) -> s
             f"{s.pretrain_epochs} epoch(s), batch {s.pretrain_batch_size}, once per method on the images of all "
             f"{meta['num_cases']} cases, validation cases included, no labels (standard for this protocol: "
             f"pretraining never sees a label).")
+    excluded = [f"{METHOD_LABELS.get(r['method'], r['method'])} M={r['budget']} fold {f}"
+                for r in (agg or []) for f in r.get("excluded_folds", [])]
+    if excluded:
+        lines.append("Finished but left out because another method has no result on that fold: "
+                     + ", ".join(excluded) + " (in fewlabel_runs.csv).")
     if run_log:
         bad = [r for r in run_log if r["status"] not in ("done", "reused")]
         if bad:
@@ -876,6 +932,9 @@ def write_report(workdir: str | os.PathLike, ds: dict, s: Settings, plan: dict, 
     report.mkdir(parents=True, exist_ok=True)
     labels = {k: int(v) for k, v in ds["dataset_json"]["labels"].items() if isinstance(v, (int, float))}
     rows = collect_runs(workdir, ds["name"], plan, s.methods, labels)
+    seconds = {(r["method"], r["index"]): r["seconds"] for r in (run_log or []) if r["kind"] == "train"}
+    for r in rows:
+        r["train_seconds"] = seconds.get((r["method"], r["index"]))
     classes = [c for c in _class_names(rows)]
     agg = aggregate(rows, s.methods, s.budgets)
     runs_csv, summary_csv = write_csvs(rows, agg, classes, report)
@@ -888,7 +947,7 @@ def write_report(workdir: str | os.PathLike, ds: dict, s: Settings, plan: dict, 
         if p is not None:
             overlays.append(str(p))
     table = markdown_table(agg, classes)
-    caption = _caption(s, ds, plan, run_log)
+    caption = _caption(s, ds, plan, run_log, agg)
     md = report / "fewlabel_table.md"
     md.write_text(f"{table}\n\n{caption}\n")
     result = {
@@ -968,9 +1027,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "from MACL/PCL/SimCLR pretraining with identical splits, seeds and schedule; writes CSV, a "
                     "markdown table, a Dice-vs-M plot and validation overlays to WORKDIR/report.")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu-smoke",
-                   help="cpu-smoke (synthetic, minutes on a CPU) or gpu (Task04_Hippocampus, ~10 min on one GPU)")
+                   help="cpu-smoke (synthetic, minutes on a CPU), gpu (Task04_Hippocampus, ~10 min on one GPU) or "
+                        "cpu-real (Task04_Hippocampus, CPU-sized)")
     p.add_argument("--workdir", default=None, help="everything goes here (default work_dirs/fewlabel_<profile>)")
-    p.add_argument("--raw", help="Decathlon dataset folder (gpu profile), e.g. ../shared/data/Task04_Hippocampus")
+    p.add_argument("--raw", help="Decathlon dataset folder (gpu, cpu-real), default $MACL_GPU_DATA or "
+                                 "../shared/data/Task04_Hippocampus beside the repository")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--budgets", type=_ints, help="label budgets M, e.g. 4,10,20")
     p.add_argument("--folds", type=int, help="folds to run (the first F of the K-fold partition)")
@@ -982,10 +1043,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--iters", type=int, help="training iterations per fine-tuning epoch")
     p.add_argument("--val-iters", type=int, help="validation iterations per epoch (pseudo Dice only)")
+    p.add_argument("--finetune-batch-size", type=int,
+                   help="fine-tuning batch size (MACL_BENCH_BATCH); default: the plans' (stock nnU-Net)")
     p.add_argument("--max-val-cases", type=int, help="validate on at most this many held-out cases per fold")
     p.add_argument("--num-cases", type=int, help="synthetic profile: number of cases")
     p.add_argument("--dataset-id", type=int)
     p.add_argument("--jobs", type=int, help="pretrainings/trainings at a time (GPU: several share the device)")
+    p.add_argument("--procs", type=int, help="nnU-Net worker processes (augmentation, export) per run")
     p.add_argument("--seed", type=int)
     p.add_argument("--deadline-min", type=float, help="launch no run after this many minutes (cut runs are listed)")
     p.add_argument("--hard-deadline-min", type=float, help="stop runs still going at this many minutes")
@@ -995,8 +1059,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_raw() -> str | None:
+    """``$MACL_GPU_DATA`` (set by the GPU kit's activate.sh), else ``../shared/data/Task04_Hippocampus``
+    beside the repository, if it exists."""
+    for cand in (os.environ.get("MACL_GPU_DATA"), Path(__file__).resolve().parents[2] / "shared/data/Task04_Hippocampus"):
+        if cand and (Path(cand) / "dataset.json").is_file():
+            return str(Path(cand).resolve())
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.raw is None and PROFILES[args.profile]["dataset"] == "msd":
+        args.raw = default_raw()
     workdir = args.workdir or f"work_dirs/fewlabel_{args.profile.replace('-', '_')}"
     try:
         if args.report_only:
@@ -1006,6 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
                          n_splits=args.n_splits, methods=args.methods, pretrain_epochs=args.pretrain_epochs,
                          pretrain_batch_size=args.pretrain_batch_size, pretrain_workers=args.pretrain_workers,
                          finetune_epochs=args.finetune_epochs, iters=args.iters, val_iters=args.val_iters,
+                         finetune_batch_size=args.finetune_batch_size, procs=args.procs,
                          max_val_cases=args.max_val_cases, num_cases=args.num_cases, dataset_id=args.dataset_id,
                          jobs=args.jobs, seed=args.seed, deadline_min=args.deadline_min,
                          hard_deadline_min=args.hard_deadline_min, overlay_cases=args.overlay_cases)

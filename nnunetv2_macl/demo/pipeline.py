@@ -19,19 +19,26 @@ The subprocesses get ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it: on CPU,
 every small operation becomes a scheduling round when other processes share the cores: measured on
 2 busy cores, the sliding-window prediction of one 16x32x32 case took 21-24 s with spinning threads
 and 0.9-1.5 s with passive ones (1.2 s with a single thread).
-The schedule defaults were measured to keep ``make demo`` well inside 10 minutes on 2 CPU cores.
+Defaults (:data:`DEFAULTS`): 20 cases of 24 x 48 x 48, 2 pretraining epochs (batch 16), 8 fine-tuning
+epochs x 10 iterations (batch 24 as planned) + 3 validation iterations, for both trainings. Measured
+with ``time make demo`` on 2 CPU cores shared with other jobs (load average 5.7-6.5): 4 min 59 s wall
+(3 min 57 s user + 30 s sys CPU); steps: planning/preprocessing 18 s, pretraining 55 s, each
+``nnUNetv2_train`` ~110 s (of which ~25 s start-up and ~40 s final validation). At a load average of
+~10 the same steps took about 1.5x as long.
 
 Python API: :func:`run_demo` (returns a dict with both Dice values and the paths).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -45,10 +52,17 @@ PLANS = "nnUNetPlans"
 FOLD = 0
 MACL_TRAINER = "nnUNetTrainerMACL_demo"
 SCRATCH_TRAINER = "nnUNetTrainerScratch_demo"
+# read by both demo trainers (nnunetv2_macl/trainers/demo_trainers.py; not imported here, as importing
+# the MACL trainer module patches nnU-Net's -pretrained_weights loader in this process)
+DEMO_EPOCHS_ENV = "MACL_DEMO_EPOCHS"
+DEMO_TRAIN_ITERS_ENV = "MACL_DEMO_TRAIN_ITERS"
+DEMO_VAL_ITERS_ENV = "MACL_DEMO_VAL_ITERS"
 
-# Defaults of `make demo` (tuned on 2 CPU cores; see docs in the module doc and the report).
-DEFAULTS = dict(num_cases=20, shape=(24, 64, 64), pretrain_epochs=6, pretrain_batch_size=16,
-                finetune_epochs=10, train_iters=10, val_iters=3)
+# Defaults of `make demo` (see the module doc for the measured times). 48 x 48 slices: nnU-Net plans a
+# 4-stage 2d U-Net (patch 48 x 48, batch 24) and MACL pretrains on 64 x 64 crops (the smallest that fit
+# its divisibility rule); 64 x 64 slices give a 5-stage U-Net and larger pretraining crops.
+DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=2, pretrain_batch_size=16,
+                finetune_epochs=8, train_iters=10, val_iters=3)
 
 
 _PROGRESS_BAR = re.compile(r"\d+/\d+ \[[0-9:<?]+")
@@ -74,12 +88,32 @@ def _num_processes() -> int:
     return max(1, min(int(os.environ.get("nnUNet_def_n_proc", "0") or 0) or (os.cpu_count() or 1), 8))
 
 
-def _set_default_process_counts() -> None:
-    """nnU-Net's process counts default to 8 / a host table: cap them at this machine's cores (a user's
-    explicit values win). Must happen before nnunetv2 is imported (it reads them at import time)."""
+def _demo_environ(paths: dict[str, str]) -> dict[str, str]:
+    """The variables this process sets while the demo runs (restored afterwards, see :func:`_temporary_environ`).
+
+    nnU-Net's process counts default to 8 / a host table: they are capped at this machine's cores
+    unless the user set them (nnunetv2 reads ``nnUNet_def_n_proc`` when it is first imported)."""
     cores = str(max(1, min(os.cpu_count() or 1, 8)))
-    os.environ.setdefault("nnUNet_def_n_proc", cores)
-    os.environ.setdefault("nnUNet_n_proc_DA", cores)
+    env = dict(paths)
+    for name in ("nnUNet_def_n_proc", "nnUNet_n_proc_DA"):
+        env[name] = os.environ.get(name) or cores
+    return env
+
+
+@contextlib.contextmanager
+def _temporary_environ(values: dict[str, str]):
+    """Set environment variables for the duration of the demo and restore the previous values, so that
+    :func:`run_demo` called from other code (e.g. a test session) leaves its environment as it was."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def nnunet_paths(workdir: str | os.PathLike) -> dict[str, str]:
@@ -182,30 +216,40 @@ def _stream(cmd: list[str], env: dict, prefix: str, log_file: Path, timeout: flo
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", bufsize=1)
+        timed_out = threading.Event()
+
+        def _kill_on_timeout() -> None:
+            timed_out.set()
+            proc.kill()
+
+        watchdog = threading.Timer(timeout, _kill_on_timeout) if timeout is not None else None
+        if watchdog is not None:
+            watchdog.daemon = True
+            watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
-                line = line.rstrip("\n")
+                line = line.rstrip()
                 tail = (tail + [line])[-40:]
                 if _PROGRESS_BAR.search(line):  # tqdm redraws: one every 15 s is enough on screen
                     if time.perf_counter() - last_progress < 15.0:
                         continue
                     last_progress = time.perf_counter()
                 if line.strip():
-                    print(f"{prefix} {line.rstrip()}", flush=True)
-                if timeout is not None and time.perf_counter() - t0 > timeout:
-                    proc.kill()
-                    proc.wait()
-                    raise DemoError(f"`{' '.join(cmd)}` ran longer than {timeout:.0f} s and was stopped; "
-                                    f"see {log_file}")
+                    print(f"{prefix} {line}", flush=True)
             rc = proc.wait()
         except BaseException:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
             raise
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
     secs = time.perf_counter() - t0
+    if timed_out.is_set():
+        raise DemoError(f"`{' '.join(cmd)}` ran longer than {timeout:.0f} s and was stopped; see {log_file}")
     if rc != 0:
         last = "\n".join(tail[-15:])
         raise DemoError(f"`{' '.join(cmd)}` failed with exit status {rc} after {secs:.0f} s; full output in "
@@ -247,20 +291,24 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
     both summary files, the logs of both trainings). Raises :class:`DemoError` when a step fails.
     ``step_timeout`` (seconds) bounds each ``nnUNetv2_train`` subprocess.
     """
-    _set_default_process_counts()
     if device not in ("cpu", "cuda"):
         raise DemoError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if len(tuple(shape)) != 3:
         raise DemoError(f"shape must be 3 numbers (z, y, x), got {shape}")
     if int(num_cases) < 5:
         raise DemoError(f"num_cases must be >= 5 for nnU-Net's 5-fold split, got {num_cases}")
+    for name, value in (("pretrain_epochs", pretrain_epochs), ("finetune_epochs", finetune_epochs),
+                        ("train_iters", train_iters), ("val_iters", val_iters)):
+        if int(value) < 1:
+            raise DemoError(f"{name} must be >= 1, got {value}")
+    if int(pretrain_batch_size) < 2:
+        raise DemoError(f"pretrain_batch_size must be >= 2, got {pretrain_batch_size}")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise DemoError("--device cuda requested but CUDA is not available; use --device cpu")
 
-    t_start = time.perf_counter()
     workdir = Path(workdir).resolve()
     settings = _settings(num_cases, shape, pretrain_epochs, pretrain_batch_size, finetune_epochs, train_iters,
                          val_iters, device, seed, dataset_id)
@@ -268,18 +316,44 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
     paths = nnunet_paths(workdir)
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
-    os.environ.update(paths)  # this process (planning, pretraining) and, inherited, the subprocesses
+    # this process (planning) and, inherited, the subprocesses; restored when the demo returns
+    with _temporary_environ(_demo_environ(paths)):
+        return _run_steps(workdir, settings, state, paths, step_timeout)
+
+
+def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str],
+               step_timeout: float | None) -> dict:
+    t_start = time.perf_counter()
+    num_cases, shape, device = settings["num_cases"], tuple(settings["shape"]), settings["device"]
+    dataset_id, seed = settings["dataset_id"], settings["seed"]
+    pretrain_epochs, pretrain_batch_size = settings["pretrain_epochs"], settings["pretrain_batch_size"]
+    finetune_epochs, train_iters, val_iters = settings["finetune_epochs"], settings["train_iters"], settings["val_iters"]
     timings: dict[str, float] = {}
+    earlier = list(state["completed"])  # --keep: the steps an earlier run finished, in order
+
+    def reuse(step: str, output: Path) -> bool:
+        """--keep: reuse ``step`` when it and every step before it finished earlier and its output is
+        there; once a step runs, all later ones run too (the marker then lists only what is valid)."""
+        if earlier and earlier[0] == step and output.exists():
+            earlier.pop(0)
+            _say(f"[macl_demo] --keep: reusing {output} from the earlier run")
+            return True
+        if earlier:
+            earlier.clear()
+            valid = state["completed"][:state["completed"].index(step)] if step in state["completed"] \
+                else state["completed"]
+            state["completed"] = list(valid)
+            _write_marker(workdir, state)
+        return False
 
     _banner("nnU-Net folders of this demo (your own nnU-Net folders are not used)")
     for k, v in paths.items():
         _say(f"  {k}={v}")
 
-    # imports after the environment is set (nnunetv2 reads some of it at import time)
+    # imports after the environment is set (nnunetv2 reads nnUNet_def_n_proc when first imported)
     from nnunetv2_macl.demo.synthetic import LABELS, make_synthetic_dataset, plan_and_preprocess
     from nnunetv2_macl.run.trainer_path import ext_trainer_value
     from nnunetv2_macl.training.pretrainer import output_folder_name
-    from nnunetv2_macl.trainers.demo_trainers import (DEMO_EPOCHS_ENV, DEMO_TRAIN_ITERS_ENV, DEMO_VAL_ITERS_ENV)
 
     dataset_name = f"Dataset{int(dataset_id):03d}_{DEMO_DATASET_NAME}"
     raw_dataset = Path(paths["nnUNet_raw"]) / dataset_name
@@ -290,9 +364,7 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
     # -- 1. dataset ----------------------------------------------------------------------------
     _banner(f"1/5 synthetic dataset: {num_cases} cases of {tuple(int(s) for s in shape)} voxels, 2 labels")
     t0 = time.perf_counter()
-    if "dataset" in state["completed"] and (raw_dataset / "dataset.json").is_file():
-        _say(f"[macl_demo] --keep: reusing {raw_dataset}")
-    else:
+    if not reuse("dataset", raw_dataset / "dataset.json"):
         make_synthetic_dataset(paths["nnUNet_raw"], dataset_id=dataset_id, name=DEMO_DATASET_NAME,
                                num_cases=num_cases, shape=tuple(shape), seed=seed)
         _complete(workdir, state, "dataset")
@@ -303,9 +375,7 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
     _banner(f"2/5 nnU-Net fingerprint, plans ({PLANS}) and preprocessing ({CONFIGURATION})")
     t0 = time.perf_counter()
     plans_file = preprocessed_dataset / f"{PLANS}.json"
-    if "preprocess" in state["completed"] and plans_file.is_file():
-        _say(f"[macl_demo] --keep: reusing {preprocessed_dataset}")
-    else:
+    if not reuse("preprocess", plans_file):
         try:
             plan_and_preprocess(dataset_id, configurations=(CONFIGURATION,), num_processes=_num_processes())
         except Exception as e:
@@ -327,9 +397,9 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
     t0 = time.perf_counter()
     pretrain_folder = Path(paths["nnUNet_results"]) / dataset_name / output_folder_name(PLANS, CONFIGURATION)
     checkpoint = pretrain_folder / "checkpoint_final.pth"
-    if "pretrain" in state["completed"] and checkpoint.is_file():
-        _say(f"[macl_demo] --keep: reusing {checkpoint}")
-    else:
+    if not reuse("pretrain", checkpoint):
+        if pretrain_folder.exists():  # an unfinished earlier run (--keep); macl_pretrain would refuse it
+            shutil.rmtree(pretrain_folder)
         _stream([_find_executable("macl_pretrain"), "-d", str(dataset_id), "-c", CONFIGURATION, "-p", PLANS,
                  "--device", device, "--epochs", str(int(pretrain_epochs)), "--batch-size",
                  str(int(pretrain_batch_size)), "--num-workers", "0", "--seed", str(12345 + int(seed)),
@@ -357,9 +427,9 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
         summary_file = model_folder / f"fold_{FOLD}" / "validation" / "summary.json"
         log_file = logs / f"nnUNetv2_train_{trainer}.log"
         t0 = time.perf_counter()
-        if f"train_{key}" in state["completed"] and summary_file.is_file():
-            _say(f"[macl_demo] --keep: reusing {model_folder}")
-        else:
+        if not reuse(f"train_{key}", summary_file):
+            if model_folder.exists():
+                shutil.rmtree(model_folder)
             if key == "macl":
                 _say(f"[macl_demo] nnUNet_extTrainer={env['nnUNet_extTrainer']}")
                 _say(f"[macl_demo] MACL_PRETRAINED={env['MACL_PRETRAINED']}")

@@ -22,6 +22,8 @@ variable                    default  meaning
                                      final full validation, which predicts every validation case)
 ``MACL_BENCH_SEED``         12345    seeds python's ``random``, numpy and torch (CPU and CUDA) in the
                                      trainer's process before the network is built
+``MACL_BENCH_BATCH``        (plans)  batch size; unset or empty = the plans' batch size (stock nnU-Net).
+                                     Only for CPU-sized runs (Hippocampus 2d plans ask for 281 slices)
 ==========================  =======  ==================================================================
 
 Seeding: stock nnU-Net trainings are not seeded. Here the training process is, so scratch and MACL runs
@@ -49,6 +51,7 @@ BENCH_EPOCHS_ENV = "MACL_BENCH_EPOCHS"
 BENCH_ITERS_ENV = "MACL_BENCH_ITERS"
 BENCH_VAL_ITERS_ENV = "MACL_BENCH_VAL_ITERS"
 BENCH_SEED_ENV = "MACL_BENCH_SEED"
+BENCH_BATCH_ENV = "MACL_BENCH_BATCH"
 DEFAULT_BENCH_SCHEDULE = {BENCH_EPOCHS_ENV: 50, BENCH_ITERS_ENV: 50, BENCH_VAL_ITERS_ENV: 10}
 DEFAULT_BENCH_SEED = 12345
 
@@ -75,6 +78,21 @@ def bench_seed() -> int:
     return _int_from_env(BENCH_SEED_ENV, DEFAULT_BENCH_SEED, 0)
 
 
+def bench_batch_size() -> int | None:
+    """The batch size forced by ``MACL_BENCH_BATCH``, or ``None`` (the plans' batch size)."""
+    if not os.environ.get(BENCH_BATCH_ENV, "").strip():
+        return None
+    return _int_from_env(BENCH_BATCH_ENV, 0, 1)
+
+
+def _apply_batch_size(trainer) -> None:
+    forced = bench_batch_size()
+    if forced is not None:
+        if trainer.is_ddp:
+            raise RuntimeError(f"{BENCH_BATCH_ENV} is not supported with DDP training")
+        trainer.batch_size = forced
+
+
 def _setup(trainer) -> None:
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = bench_schedule()
     seed = bench_seed()
@@ -89,7 +107,8 @@ def _setup(trainer) -> None:
 def _log(trainer) -> None:
     trainer.print_to_log_file(
         f"few-label benchmark schedule: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} training / "
-        f"{trainer.num_val_iterations_per_epoch} validation iterations, seed {trainer.macl_bench_seed} (identical "
+        f"{trainer.num_val_iterations_per_epoch} validation iterations, batch size {trainer.batch_size}"
+        f"{' (MACL_BENCH_BATCH)' if bench_batch_size() is not None else ''}, seed {trainer.macl_bench_seed} (identical "
         f"for nnUNetTrainerMACL_bench and nnUNetTrainerScratch_bench)", also_print_to_console=True)
 
 
@@ -100,6 +119,10 @@ class nnUNetTrainerMACL_bench(_macl_trainer_module.nnUNetTrainerMACL):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _setup(self)
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        _apply_batch_size(self)
 
     def on_train_start(self):
         super().on_train_start()
@@ -113,6 +136,10 @@ class nnUNetTrainerScratch_bench(_nnunet_trainer_module.nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _setup(self)
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        _apply_batch_size(self)
 
     def on_train_start(self):
         super().on_train_start()

@@ -11,7 +11,7 @@ are far too long for a CPU demo). Found by stock ``nnUNetv2_train`` through ``nn
     nnUNetv2_train 990 2d 0 -tr nnUNetTrainerScratch_demo -device cpu
 
 The schedule can be changed for both at once with environment variables (``macl_demo`` and its test
-use them; the values are written to the training log): ``MACL_DEMO_EPOCHS`` (default 10),
+use them; the values are written to the training log): ``MACL_DEMO_EPOCHS`` (default 8),
 ``MACL_DEMO_TRAIN_ITERS`` (training iterations per epoch, default 10) and ``MACL_DEMO_VAL_ITERS``
 (validation iterations per epoch, default 3).
 
@@ -32,7 +32,7 @@ import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
 DEMO_EPOCHS_ENV = "MACL_DEMO_EPOCHS"
 DEMO_TRAIN_ITERS_ENV = "MACL_DEMO_TRAIN_ITERS"
 DEMO_VAL_ITERS_ENV = "MACL_DEMO_VAL_ITERS"
-DEFAULT_DEMO_SCHEDULE = {DEMO_EPOCHS_ENV: 10, DEMO_TRAIN_ITERS_ENV: 10, DEMO_VAL_ITERS_ENV: 3}
+DEFAULT_DEMO_SCHEDULE = {DEMO_EPOCHS_ENV: 8, DEMO_TRAIN_ITERS_ENV: 10, DEMO_VAL_ITERS_ENV: 3}
 
 
 def _positive_int_from_env(name: str, default: int) -> int:
