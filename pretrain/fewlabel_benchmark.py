@@ -93,7 +93,7 @@ PROFILES: dict[str, dict] = {
     "cpu-smoke": dict(dataset="synthetic", num_cases=10, shape=(16, 32, 32), dataset_id=981, budgets=(2, 4),
                       n_splits=5, folds=1, methods=("scratch", "macl"), pretrain_epochs=1, pretrain_batch_size=8,
                       finetune_epochs=2, iters=4, val_iters=1, finetune_batch_size=None, max_val_cases=None,
-                      device="cpu", jobs=1, procs=1, pretrain_workers=0, deadline_min=None, hard_deadline_min=None,
+                      device="cpu", jobs=2, procs=1, pretrain_workers=0, deadline_min=None, hard_deadline_min=None,
                       overlay_cases=2),
     # the measurement; see the estimate in pretrain/run_gpu_benchmark.sh
     "gpu": dict(dataset="msd", raw=None, dataset_id=504, budgets=(4, 10, 20), n_splits=5, folds=5,
@@ -431,6 +431,8 @@ def _prepare_workdir(workdir: Path, s: Settings, resume: bool) -> dict:
             for sub in ("nnUNet_raw", "nnUNet_preprocessed", "results", "logs", REPORT_DIR, "msd_staging"):
                 if (workdir / sub).is_dir():
                     shutil.rmtree(workdir / sub)
+            if (workdir / RUN_LOG).is_file():
+                (workdir / RUN_LOG).unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(marker, state)
     return state
@@ -507,6 +509,89 @@ def _execute(task: Task, s: Settings, workdir: Path, ds: dict, env0: dict, timeo
         raise DemoError(f"nnUNetv2_train finished without writing {summary}")
 
 
+def run_tasks(tasks: list[Task], jobs: int, execute, check=None, deadline: float | None = None,
+              hard_deadline: float | None = None, on_change=None) -> None:
+    """Run ``tasks`` (in list order of priority) ``jobs`` at a time, each once its dependencies are done.
+
+    ``execute(task, timeout)`` runs one (raises on failure; ``timeout`` = seconds left before the hard
+    deadline, or None); ``check(task)`` validates a finished one. Deadlines are ``time.perf_counter()``
+    values: after ``deadline`` nothing is started; a task whose kind took longer (median of the finished
+    ones) than is left before ``hard_deadline`` is not started; one that the hard deadline stops is
+    "cut". A failure marks the task "failed" and its dependants "skipped"; the others go on. Statuses are
+    set on the tasks; ``on_change()`` is called whenever they change.
+    """
+    by_key = {t.key: t for t in tasks}
+    ok = ("done", "reused")
+    running: dict = {}
+    on_change = on_change or (lambda: None)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while True:
+            for t in tasks:  # a dependency that will never be there: skip
+                bad = [d for d in t.deps if by_key[d].status in ("failed", "cut", "skipped")]
+                if t.status == "pending" and bad:
+                    t.status, t.message = "skipped", f"{bad[0]} {by_key[bad[0]].status}"
+            pending = [t for t in tasks if t.status == "pending"]
+            now = time.perf_counter()
+            if deadline is not None and now > deadline:
+                for t in pending:
+                    t.status, t.message = "cut", "not started: past the deadline for starting runs"
+                pending = []
+            while len(running) < jobs:
+                ready = [t for t in pending if all(by_key[d].status in ok for d in t.deps)]
+                if not ready:
+                    break
+                t = ready[0]
+                pending.remove(t)
+                durations = [x.seconds for x in tasks if x.kind == t.kind and x.status == "done"]
+                left = None if hard_deadline is None else hard_deadline - time.perf_counter()
+                if left is not None and durations and float(np.median(durations)) > left:
+                    t.status = "cut"
+                    t.message = (f"not started: a {t.kind} takes ~{np.median(durations):.0f} s, only {max(left, 0):.0f} s "
+                                 f"were left before the hard deadline")
+                    continue
+                t.status = "running"
+                t.extra["t0"] = time.perf_counter()
+                running[pool.submit(execute, t, None if left is None else max(1.0, left))] = t
+            on_change()
+            if not running:
+                for t in pending:
+                    t.status, t.message = "skipped", "dependencies never finished"
+                on_change()
+                return
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                t = running.pop(fut)
+                t.seconds = time.perf_counter() - t.extra.pop("t0")
+                try:
+                    fut.result()
+                    if check is not None:
+                        check(t)
+                    t.status = "done"
+                    _say(f"{t.key} finished in {t.seconds:.0f} s")
+                except Exception as e:  # noqa: BLE001 - one run's failure must not stop the others
+                    t.message = f"{type(e).__name__}: " + " ".join(str(e).split())[:2000]
+                    if hard_deadline is not None and time.perf_counter() >= hard_deadline - 1.0 and \
+                            "ran longer than" in t.message:
+                        t.status, t.message = "cut", "stopped at the hard deadline"
+                        _say(f"{t.key} stopped at the hard deadline after {t.seconds:.0f} s")
+                    else:
+                        t.status = "failed"
+                        _say(f"{t.key} FAILED after {t.seconds:.0f} s: {t.message[:500]}")
+
+
+RUN_LOG = "fewlabel_run_log.json"
+
+
+def _write_run_log(workdir: Path, tasks: list[Task]) -> list[dict]:
+    """The state of every task, rewritten as tasks finish, so that ``--report-only`` can say what was
+    cut when the runner itself is stopped (e.g. by an outer time limit)."""
+    log = [{"key": t.key, "kind": t.kind, "method": t.method, "budget": t.budget, "fold": t.fold, "index": t.index,
+            "status": t.status, "seconds": None if t.seconds is None else round(t.seconds, 1), "message": t.message}
+           for t in tasks]
+    _write_json(Path(workdir) / RUN_LOG, log)
+    return log
+
+
 def _check_validation_cases(task: Task, ds: dict, plan: dict, workdir: Path) -> None:
     """nnU-Net silently falls back to a random split for a fold index it does not find: refuse that."""
     summary = run_folder(workdir, task.method, ds["name"], task.index) / "validation" / "summary.json"
@@ -576,7 +661,6 @@ def _run(workdir: Path, s: Settings, state: dict, resume: bool, t_start: float, 
     # -- pretraining and fine-tuning, scheduled --------------------------------------------------------
     env0 = _base_env(workdir)
     tasks = _task_list(s)
-    by_key = {t.key: t for t in tasks}
     if resume:
         for t in tasks:
             if t.kind == "pretrain" and pretrain_checkpoint(workdir, t.method, ds["name"]).is_file():
@@ -585,70 +669,18 @@ def _run(workdir: Path, s: Settings, state: dict, resume: bool, t_start: float, 
                                         "summary.json").is_file():
                 t.status = "reused"
     per_job = s.procs or processes_per_job(s.jobs)
-    deadline = None if s.deadline_min is None else t_start + 60.0 * s.deadline_min
-    hard = None if s.hard_deadline_min is None else t_start + 60.0 * s.hard_deadline_min
-    ok = ("done", "reused")
     _say(f"{sum(t.kind == 'train' for t in tasks)} trainings, {sum(t.kind == 'pretrain' for t in tasks)} "
          f"pretrainings; {s.jobs} at a time ({per_job} data processes each) on {s.device}")
-
-    running: dict = {}
-    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        while True:
-            pending = [t for t in tasks if t.status == "pending"]
-            for t in pending:  # a failed dependency: skip
-                bad = [d for d in t.deps if by_key[d].status in ("failed", "cut", "skipped")]
-                if bad:
-                    t.status, t.message = "skipped", f"{bad[0]} {by_key[bad[0]].status}"
-            pending = [t for t in tasks if t.status == "pending"]
-            if deadline is not None and time.perf_counter() > deadline:
-                for t in pending:
-                    t.status, t.message = "cut", f"not started: deadline {s.deadline_min} min"
-                pending = []
-            while len(running) < s.jobs:
-                ready = [t for t in pending if all(by_key[d].status in ok for d in t.deps)]
-                if not ready:
-                    break
-                t = ready[0]
-                pending.remove(t)
-                durations = [x.seconds for x in tasks if x.kind == t.kind and x.status == "done"]
-                if hard is not None and durations and time.perf_counter() + float(np.median(durations)) > hard:
-                    t.status = "cut"
-                    t.message = (f"not started: a {t.kind} takes ~{np.median(durations):.0f} s, more than is left "
-                                 f"before the hard deadline ({s.hard_deadline_min} min)")
-                    continue
-                t.status = "running"
-                timeout = None if hard is None else max(1.0, hard - time.perf_counter())
-                t.extra["t0"] = time.perf_counter()
-                running[pool.submit(_execute, t, s, workdir, ds, env0, timeout, per_job)] = t
-            if not running:
-                for t in pending:
-                    t.status, t.message = "skipped", "dependencies never finished"
-                break
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                t = running.pop(fut)
-                t.seconds = time.perf_counter() - t.extra.pop("t0")
-                try:
-                    fut.result()
-                    if t.kind == "train":
-                        _check_validation_cases(t, ds, plan, workdir)
-                    t.status = "done"
-                    _say(f"{t.key} finished in {t.seconds:.0f} s")
-                except (DemoError, BenchmarkError, OSError, ValueError) as e:
-                    t.message = " ".join(str(e).split())[:2000]
-                    if hard is not None and time.perf_counter() >= hard - 1.0 and "ran longer than" in t.message:
-                        t.status, t.message = "cut", f"stopped at the hard deadline ({s.hard_deadline_min} min)"
-                        _say(f"{t.key} stopped at the hard deadline after {t.seconds:.0f} s")
-                    else:
-                        t.status = "failed"
-                        _say(f"{t.key} FAILED after {t.seconds:.0f} s: {t.message[:500]}")
+    run_tasks(tasks, s.jobs, lambda t, timeout: _execute(t, s, workdir, ds, env0, timeout, per_job),
+              check=lambda t: _check_validation_cases(t, ds, plan, workdir) if t.kind == "train" else None,
+              deadline=None if s.deadline_min is None else t_start + 60.0 * s.deadline_min,
+              hard_deadline=None if s.hard_deadline_min is None else t_start + 60.0 * s.hard_deadline_min,
+              on_change=lambda: _write_run_log(workdir, tasks))
     timings["runs"] = time.perf_counter() - t_start - timings["prepare"]
 
     # -- report ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    run_log = [{"key": t.key, "kind": t.kind, "method": t.method, "budget": t.budget, "fold": t.fold,
-                "index": t.index, "status": t.status, "seconds": None if t.seconds is None else round(t.seconds, 1),
-                "message": t.message} for t in tasks]
+    run_log = _write_run_log(workdir, tasks)
     result = write_report(workdir, ds, s, plan, run_log=run_log, timings=timings, started=started)
     result["timings"]["report"] = time.perf_counter() - t0
     result["timings"]["total"] = time.perf_counter() - t_start
@@ -988,7 +1020,8 @@ def _print_summary(result: dict) -> None:
     for k, v in result["paths"].items():
         _say(f"  {k:<14}{v}")
     t = result["timings"]
-    _say("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
+    if t:
+        _say("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()))
 
 
 def report_only(workdir: str | os.PathLike) -> dict:
@@ -1004,9 +1037,16 @@ def report_only(workdir: str | os.PathLike) -> dict:
     ds = dataset_paths(workdir, found[0].name)
     idx = json.loads((ds["preprocessed"] / "splits_index.json").read_text())
     plan = {"splits": json.loads((ds["preprocessed"] / "splits_final.json").read_text()), **idx}
+    run_log, timings = None, {}
+    if (workdir / RUN_LOG).is_file():
+        run_log = json.loads((workdir / RUN_LOG).read_text())
+        for r in run_log:  # the runner was stopped while these were pending or running
+            if r["status"] in ("pending", "running"):
+                r["status"], r["message"] = "cut", f"runner stopped while {r['status']}"
     previous = workdir / REPORT_DIR / "fewlabel_result.json"
-    run_log = json.loads(previous.read_text()).get("run_log") if previous.is_file() else None
-    result = write_report(workdir, ds, s, plan, run_log=run_log)
+    if previous.is_file():
+        timings = json.loads(previous.read_text()).get("timings", {})
+    result = write_report(workdir, ds, s, plan, run_log=run_log, timings=timings)
     _print_summary(result)
     return result
 

@@ -28,7 +28,7 @@
 # rerun with fewer iterations (--iters 10) or budgets (--budgets 4,20).
 #
 # Results: $WORKDIR/report (table, CSVs, plots, result json) and, when the device tool's $OUT is set, copies
-# of the main files there plus fewlabel_report.tar.gz (report, logs, splits).
+# of the main files there (else in ${WORKDIR}_out) plus fewlabel_report.tar.gz (report, logs, splits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +37,7 @@ WORKDIR=${FEWLABEL_WORKDIR:-/tmp/fewlabel_gpu}
 LIMIT_S=${FEWLABEL_LIMIT_S:-500}   # hard stop of the runner (the device tool's command limit is 600 s)
 PY=${PYTHON:-python3}
 DEVICE=${FEWLABEL_DEVICE:-cuda}     # cpu: a dry run of this script's plumbing only (use tiny options)
-DEST=${OUT:-$WORKDIR/out}
+DEST=${OUT:-${WORKDIR}_out}
 mkdir -p "$DEST" "$WORKDIR"
 DEST=$(cd "$DEST" && pwd)
 export nnUNet_compile=${nnUNet_compile:-f} PYTHONUNBUFFERED=1   # compiling 12+ short runs would cost minutes

@@ -101,6 +101,94 @@ def test_settings_validation():
     assert g.budgets == (4, 10, 20) and set(g.methods) == set(fb.METHODS) and g.device == "cuda"
 
 
+# ------------------------------------------------------------------------------------------------ scheduling
+def _tasks(methods=("scratch", "macl"), budgets=(2, 4), folds=1):
+    return fb._task_list(fb.Settings(methods=methods, budgets=budgets, folds=folds))
+
+
+def test_task_order_and_dependencies():
+    tasks = _tasks(("scratch", "macl", "pcl"), (4, 10), 2)
+    assert [t.key for t in tasks[:2]] == ["pretrain:macl", "pretrain:pcl"]
+    trains = [(t.fold, t.budget, t.method, t.index) for t in tasks[2:]]
+    assert trains[:3] == [(0, 4, "scratch", 0), (0, 4, "macl", 0), (0, 4, "pcl", 0)]  # fold by fold, M by M
+    assert trains[3][:2] == (0, 10) and trains[3][3] == 2 and trains[-1] == (1, 10, "pcl", 3)
+    assert all(t.deps == (f"pretrain:{t.method}",) for t in tasks[2:] if t.method != "scratch")
+    assert all(t.deps == () for t in tasks if t.method == "scratch")
+
+
+def test_run_tasks_failure_skips_dependants_and_runs_in_parallel():
+    tasks = _tasks()
+    active, peak = [0], [0]
+    import threading
+
+    lock = threading.Lock()
+
+    def execute(t, timeout):
+        assert timeout is None
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        if t.kind == "pretrain":
+            raise fb.DemoError("macl_pretrain failed with exit status 2")
+
+    changes = []
+    fb.run_tasks(tasks, 2, execute, on_change=lambda: changes.append(1))
+    status = {t.key: t.status for t in tasks}
+    assert status == {"pretrain:macl": "failed", "train:scratch:M2:f0": "done", "train:macl:M2:f0": "skipped",
+                      "train:scratch:M4:f0": "done", "train:macl:M4:f0": "skipped"}
+    assert "exit status 2" in tasks[0].message and "pretrain:macl failed" in tasks[2].message
+    assert peak[0] == 2 and changes  # the pretraining and a scratch run side by side
+
+
+def test_run_tasks_deadlines_cut_and_record():
+    # nothing starts after the deadline
+    tasks = _tasks(("scratch",), (2, 4, 8))
+    t0 = time.perf_counter()
+    fb.run_tasks(tasks, 1, lambda t, timeout: time.sleep(0.3), deadline=t0 + 0.1)
+    assert [t.status for t in tasks] == ["done", "cut", "cut"]
+    assert "deadline" in tasks[1].message
+
+    # a run that would not end before the hard deadline (median of finished runs) is not started
+    tasks = _tasks(("scratch",), (2, 4, 8))
+    timeouts = []
+
+    def execute(t, timeout):
+        timeouts.append(timeout)
+        time.sleep(1.2)
+
+    fb.run_tasks(tasks, 1, execute, hard_deadline=time.perf_counter() + 3.0)  # 3.0 s, 1.8 s, 0.6 s left
+    assert [t.status for t in tasks] == ["done", "done", "cut"], [t.message for t in tasks]
+    assert timeouts[0] == pytest.approx(3.0, abs=0.3) and timeouts[1] < timeouts[0] - 1.0
+    assert "hard deadline" in tasks[2].message
+
+    # a run stopped at the hard deadline (the streamed subprocess's timeout) is cut, not failed
+    tasks = _tasks(("scratch",), (2,))
+
+    def stopped(t, timeout):
+        time.sleep(timeout)
+        raise fb.DemoError(f"`nnUNetv2_train ...` ran longer than {timeout:.0f} s and was stopped")
+
+    fb.run_tasks(tasks, 1, stopped, hard_deadline=time.perf_counter() + 1.0)
+    assert tasks[0].status == "cut" and tasks[0].message == "stopped at the hard deadline"
+
+
+def test_report_only_marks_unfinished_runs_as_cut(fake_run):
+    workdir, ds, s, plan = fake_run
+    (workdir / fb.MARKER).write_text(json.dumps({"settings": s.to_dict(), "prepared": True}))
+    tasks = fb._task_list(s)
+    for t in tasks:
+        t.status = "done" if t.kind == "train" else t.status
+    tasks[-1].status = "running"
+    fb._write_run_log(workdir, tasks)
+    result = fb.report_only(workdir)
+    log = {r["key"]: r for r in result["run_log"]}
+    assert log[tasks[-1].key]["status"] == "cut" and "runner stopped" in log[tasks[-1].key]["message"]
+    assert (workdir / "report" / "fewlabel_table.md").is_file() and len(result["runs"]) == 8
+
+
 # ------------------------------------------------------------------------------------------------ report
 def _nifti(arr: np.ndarray, path: Path) -> None:
     import nibabel

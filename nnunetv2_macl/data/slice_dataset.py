@@ -65,6 +65,26 @@ def list_cases(folder: str) -> tuple[type, list[str]]:
     return dataset_class, identifiers
 
 
+def case_shapes(dataset_class: type, folder: str, identifiers: Sequence[str]) -> tuple[int, list[tuple[int, ...]]]:
+    """Channel count and spatial (Z, Y, X) shape of every case, checking that all are 4-D, non-empty
+    and have the same number of channels."""
+    num_channels = None
+    shapes = []
+    for identifier in identifiers:
+        arr = _open_image(dataset_class, folder, identifier)
+        if arr.ndim != 4:
+            raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
+        if num_channels is None:
+            num_channels = int(arr.shape[0])
+        elif int(arr.shape[0]) != num_channels:
+            raise DatasetError(f"Case {identifier} has {int(arr.shape[0])} channels, the first case "
+                               f"{identifiers[0]} has {num_channels}")
+        if any(int(d) < 1 for d in arr.shape[1:]):
+            raise DatasetError(f"Case {identifier} is empty (shape {tuple(arr.shape)})")
+        shapes.append(tuple(int(d) for d in arr.shape[1:]))
+    return num_channels, shapes
+
+
 def _fit(arr: np.ndarray, crop: Sequence[int], rng: np.random.Generator) -> np.ndarray:
     """Random crop where larger than ``crop``, centred zero padding where smaller (last len(crop) axes)."""
     nd = len(crop)
@@ -107,19 +127,9 @@ class PretrainSliceDataset(Dataset):
         self.epoch = 0
         self._arrays: dict[str, object] = {}  # opened lazily per worker process
         case_index, slice_index, positions = [], [], []
-        self.num_channels = None
-        for ci, identifier in enumerate(self.identifiers):
-            arr = _open_image(self.dataset_class, folder, identifier)
-            if arr.ndim != 4:
-                raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
-            if self.num_channels is None:
-                self.num_channels = int(arr.shape[0])
-            elif int(arr.shape[0]) != self.num_channels:
-                raise DatasetError(f"Case {identifier} has {int(arr.shape[0])} channels, the first case "
-                                   f"{self.identifiers[0]} has {self.num_channels}")
-            n = int(arr.shape[1])
-            if n < 1:
-                raise DatasetError(f"Case {identifier} has no slices (shape {tuple(arr.shape)})")
+        self.num_channels, shapes = case_shapes(self.dataset_class, folder, self.identifiers)
+        for ci, (identifier, shape) in enumerate(zip(self.identifiers, shapes)):
+            n = shape[0]
             if n < 2 and not allow_single_slice:
                 raise DatasetError(
                     f"Case {identifier} has a single slice along the slicing axis: slice positions are undefined, "
@@ -187,20 +197,7 @@ class PretrainPatchDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._arrays: dict[str, object] = {}
-        self.shapes = []
-        self.num_channels = None
-        for identifier in self.identifiers:
-            arr = _open_image(self.dataset_class, folder, identifier)
-            if arr.ndim != 4:
-                raise DatasetError(f"Case {identifier}: expected a (C, Z, Y, X) array, got shape {tuple(arr.shape)}")
-            if self.num_channels is None:
-                self.num_channels = int(arr.shape[0])
-            elif int(arr.shape[0]) != self.num_channels:
-                raise DatasetError(f"Case {identifier} has {int(arr.shape[0])} channels, the first case "
-                                   f"{self.identifiers[0]} has {self.num_channels}")
-            if any(int(s) < 1 for s in arr.shape[1:]):
-                raise DatasetError(f"Case {identifier} is empty (shape {tuple(arr.shape)})")
-            self.shapes.append(tuple(int(s) for s in arr.shape[1:]))
+        self.num_channels, self.shapes = case_shapes(self.dataset_class, folder, self.identifiers)
 
     def __len__(self) -> int:
         return len(self.identifiers) * self.patches_per_case
