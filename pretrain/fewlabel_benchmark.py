@@ -30,18 +30,27 @@ Profiles (every setting can be overridden on the command line):
   epoch, 2 x 4 fine-tuning iterations. Checks the pipeline and the tables in minutes on 2 CPU cores,
   not the gain from pretraining.
 - ``gpu``: Task04_Hippocampus (``--raw``), 2d, M in {4, 10, 20}, scratch + macl + pcl + simclr,
-  up to 5 folds (as many as the ``--deadline-min`` allows: runs are launched fold by fold and none
-  after the deadline; what was not run is listed as cut), sized for about 10 minutes on one H100.
-  See ``pretrain/run_gpu_benchmark.sh``.
+  10 pretraining epochs (batch 64), 15 x 20 fine-tuning iterations of the plans' batch (281), 4 runs
+  at a time, up to 5 folds: as many as the deadlines allow (runs start fold by fold, none after
+  ``--deadline-min`` 5.5 or when it would not end before ``--hard-deadline-min`` 7.5, which also stops
+  runs still going; the report lists what was cut, and only folds that every method finished enter
+  the table). Sized for about 10 minutes on one H100; see ``pretrain/run_gpu_benchmark.sh``.
+- ``cpu-real``: Task04_Hippocampus on 2 CPU cores (~25 min): M in {4, 10}, 1 fold, scratch + macl,
+  1 pretraining epoch, 25 x 10 fine-tuning iterations of batch 32 (``MACL_BENCH_BATCH``; the plans'
+  281 would take ~14 s an iteration), 10 validation cases.
 
-Usage::
+Usage (the default workdir is ``work_dirs/fewlabel_<profile>``, git-ignored)::
 
-    python pretrain/fewlabel_benchmark.py --profile cpu-smoke --workdir work_dirs/fewlabel_smoke
-    python pretrain/fewlabel_benchmark.py --profile gpu --raw ../shared/data/Task04_Hippocampus \\
-        --workdir work_dirs/fewlabel_gpu
-    python pretrain/fewlabel_benchmark.py --profile gpu --raw ../shared/data/Task04_Hippocampus --device cpu \\
-        --budgets 4,10 --folds 1 --methods scratch,macl --pretrain-epochs 2 --finetune-epochs 5 --iters 10 ...
+    python pretrain/fewlabel_benchmark.py --profile cpu-smoke
+    python pretrain/fewlabel_benchmark.py --profile cpu-real --raw ../shared/data/Task04_Hippocampus
+    bash pretrain/run_gpu_benchmark.sh          # = --profile gpu --device cuda, with the GPU kit's data
+    python pretrain/fewlabel_benchmark.py --profile gpu --raw /data/Task04_Hippocampus --folds 5 \\
+        --deadline-min 60 --hard-deadline-min 90 --workdir work_dirs/fewlabel_gpu_long
     python pretrain/fewlabel_benchmark.py --workdir work_dirs/fewlabel_gpu --report-only
+
+``--resume`` keeps what an earlier run in the same workdir finished and the new settings allow (the
+dataset; the pretraining checkpoints when only fine-tuning settings changed; finished trainings).
+``--report-only`` rebuilds the report from the files (also after the runner was stopped from outside).
 
 Seeds: stock nnU-Net trainings are not seeded; the benchmark trainers seed python/numpy/torch in the
 training process (``MACL_BENCH_SEED``), so scratch and fine-tuned networks share the initialisation of
@@ -101,11 +110,12 @@ PROFILES: dict[str, dict] = {
                 finetune_epochs=15, iters=20, val_iters=5, finetune_batch_size=None, max_val_cases=None,
                 device="cuda", jobs=4, procs=None, pretrain_workers=3, deadline_min=5.5, hard_deadline_min=7.5,
                 overlay_cases=3),
-    # a CPU-sized look at the real data (2 cores: ~20 min; see docs/RESULTS.md): 1 fold, M in {4, 10},
-    # fine-tuning with batch 32 instead of the plans' 281 and 10 validation cases
+    # a CPU-sized look at the real data (2 cores: ~25 min, see docs/RESULTS.md): 1 fold, M in {4, 10},
+    # 1 pretraining epoch (446 steps), 250 fine-tuning iterations of batch 32 (not the plans' 281), 10
+    # validation cases
     "cpu-real": dict(dataset="msd", raw=None, dataset_id=504, budgets=(4, 10), n_splits=5, folds=1,
-                     methods=("scratch", "macl"), pretrain_epochs=1, pretrain_batch_size=16, finetune_epochs=5,
-                     iters=12, val_iters=2, finetune_batch_size=32, max_val_cases=10, device="cpu", jobs=1, procs=None,
+                     methods=("scratch", "macl"), pretrain_epochs=1, pretrain_batch_size=16, finetune_epochs=25,
+                     iters=10, val_iters=2, finetune_batch_size=32, max_val_cases=10, device="cpu", jobs=1, procs=None,
                      pretrain_workers=0, deadline_min=None, hard_deadline_min=None, overlay_cases=3),
 }
 
@@ -157,11 +167,26 @@ class Settings:
         return cls(**kw)
 
     def fingerprint(self) -> dict:
-        """What must match for --resume to reuse finished runs (timing/parallelism knobs excluded)."""
+        """What must match for --resume to reuse finished trainings (timing/parallelism knobs excluded)."""
         d = self.to_dict()
         for k in ("jobs", "procs", "deadline_min", "hard_deadline_min", "overlay_cases", "profile", "pretrain_workers"):
             d.pop(k)
         return d
+
+
+_DATASET_KEYS = ("dataset", "raw", "dataset_id", "num_cases", "shape")
+_PRETRAIN_KEYS = _DATASET_KEYS + ("pretrain_epochs", "pretrain_batch_size", "seed")
+
+
+def reusable(previous: Settings, current: Settings) -> str:
+    """What ``--resume`` can keep of a run made with ``previous``: "all" (same settings), "pretraining"
+    (dataset and pretraining checkpoints; the fine-tuning settings changed), "dataset" or "nothing"."""
+    p, c = previous.to_dict(), current.to_dict()
+    if any(p.get(k) != c.get(k) for k in _DATASET_KEYS):
+        return "nothing"
+    if any(p.get(k) != c.get(k) for k in _PRETRAIN_KEYS):
+        return "dataset"
+    return "all" if previous.fingerprint() == current.fingerprint() else "pretraining"
 
 
 def settings_for(profile: str, **overrides) -> Settings:
@@ -421,18 +446,23 @@ def _prepare_workdir(workdir: Path, s: Settings, resume: bool) -> dict:
     state = {"settings": s.to_dict(), "prepared": False}
     if marker.is_file():
         previous = json.loads(marker.read_text())
-        same = Settings.from_dict(previous.get("settings", {})).fingerprint() == s.fingerprint()
-        if resume and same:
-            state["prepared"] = bool(previous.get("prepared"))
-            _say(f"--resume: reusing the finished steps in {workdir}")
+        keep = reusable(Settings.from_dict(previous.get("settings", {})), s) if resume else "nothing"
+        remove = {"all": [], "pretraining": [REPORT_DIR], "dataset": ["results", "logs", REPORT_DIR],
+                  "nothing": ["nnUNet_raw", "nnUNet_preprocessed", "results", "logs", REPORT_DIR, "msd_staging"]}[keep]
+        if keep == "pretraining":  # the trainings go, the pretraining checkpoints stay
+            remove += [str(p.relative_to(workdir)) for p in (workdir / "results").glob("*/*/nnUNetTrainer*")]
+        if resume:
+            _say(f"--resume: keeping {'everything finished' if keep == 'all' else keep} in {workdir}"
+                 + (" (other settings)" if keep != "all" else ""))
         else:
-            if resume:
-                _say(f"--resume: the earlier run in {workdir} used other settings; starting over")
-            for sub in ("nnUNet_raw", "nnUNet_preprocessed", "results", "logs", REPORT_DIR, "msd_staging"):
-                if (workdir / sub).is_dir():
-                    shutil.rmtree(workdir / sub)
-            if (workdir / RUN_LOG).is_file():
-                (workdir / RUN_LOG).unlink()
+            _say(f"removing the earlier benchmark run in {workdir} (--resume would reuse what it finished)")
+        for sub in remove:
+            if (workdir / sub).is_dir():
+                shutil.rmtree(workdir / sub)
+        if keep != "all" and (workdir / RUN_LOG).is_file():
+            (workdir / RUN_LOG).unlink()
+        if keep != "nothing":
+            state["prepared"] = bool(previous.get("prepared"))
     workdir.mkdir(parents=True, exist_ok=True)
     _write_json(marker, state)
     return state
@@ -1094,7 +1124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-min", type=float, help="launch no run after this many minutes (cut runs are listed)")
     p.add_argument("--hard-deadline-min", type=float, help="stop runs still going at this many minutes")
     p.add_argument("--overlay-cases", type=int)
-    p.add_argument("--resume", action="store_true", help="reuse finished steps of an earlier run with the same settings")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse what an earlier run in --workdir finished and these settings allow: the dataset "
+                        "(same data), the pretraining checkpoints (same pretraining settings), the trainings (same "
+                        "settings otherwise)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report of the run in --workdir")
     return p
 

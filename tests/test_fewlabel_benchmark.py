@@ -101,6 +101,15 @@ def test_settings_validation():
     assert g.budgets == (4, 10, 20) and set(g.methods) == set(fb.METHODS) and g.device == "cuda"
 
 
+def test_resume_keeps_what_the_settings_allow():
+    base = fb.settings_for("cpu-smoke")
+    assert fb.reusable(base, fb.settings_for("cpu-smoke", jobs=1, deadline_min=3.0)) == "all"
+    assert fb.reusable(base, fb.settings_for("cpu-smoke", finetune_epochs=9)) == "pretraining"
+    assert fb.reusable(base, fb.settings_for("cpu-smoke", budgets=(2, 3))) == "pretraining"
+    assert fb.reusable(base, fb.settings_for("cpu-smoke", pretrain_epochs=3)) == "dataset"
+    assert fb.reusable(base, fb.settings_for("cpu-smoke", num_cases=12)) == "nothing"
+
+
 # ------------------------------------------------------------------------------------------------ scheduling
 def _tasks(methods=("scratch", "macl"), budgets=(2, 4), folds=1):
     return fb._task_list(fb.Settings(methods=methods, budgets=budgets, folds=folds))

@@ -46,6 +46,8 @@ import torch
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _nnunet_trainer_module
 import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
+from nnunetv2_macl.trainers.env_schedule import EnvScheduleMixin as _EnvScheduleMixin
+from nnunetv2_macl.trainers.env_schedule import int_from_env as _int_from_env
 
 BENCH_EPOCHS_ENV = "MACL_BENCH_EPOCHS"
 BENCH_ITERS_ENV = "MACL_BENCH_ITERS"
@@ -54,24 +56,6 @@ BENCH_SEED_ENV = "MACL_BENCH_SEED"
 BENCH_BATCH_ENV = "MACL_BENCH_BATCH"
 DEFAULT_BENCH_SCHEDULE = {BENCH_EPOCHS_ENV: 50, BENCH_ITERS_ENV: 50, BENCH_VAL_ITERS_ENV: 10}
 DEFAULT_BENCH_SEED = 12345
-
-
-def _int_from_env(name: str, default: int, minimum: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return int(default)
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def bench_schedule() -> tuple[int, int, int]:
-    """``(epochs, train iterations per epoch, val iterations per epoch)`` of both benchmark trainers."""
-    return tuple(_int_from_env(k, v, 1) for k, v in DEFAULT_BENCH_SCHEDULE.items())
 
 
 def bench_seed() -> int:
@@ -85,62 +69,44 @@ def bench_batch_size() -> int | None:
     return _int_from_env(BENCH_BATCH_ENV, 0, 1)
 
 
-def _apply_batch_size(trainer) -> None:
-    forced = bench_batch_size()
-    if forced is not None:
-        if trainer.is_ddp:
-            raise RuntimeError(f"{BENCH_BATCH_ENV} is not supported with DDP training")
-        trainer.batch_size = forced
+class _BenchSchedule(_EnvScheduleMixin):
+    """The benchmark schedule plus a seeded process and an optional forced batch size."""
+
+    schedule_env = DEFAULT_BENCH_SCHEDULE
+    schedule_label = "few-label benchmark schedule"
+    pair_names = "nnUNetTrainerMACL_bench and nnUNetTrainerScratch_bench"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        seed = self.macl_bench_seed = bench_seed()
+        _random.seed(seed)
+        _np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        forced = bench_batch_size()
+        if forced is not None:
+            if self.is_ddp:
+                raise RuntimeError(f"{BENCH_BATCH_ENV} is not supported with DDP training")
+            self.batch_size = forced
+
+    def schedule_description(self) -> str:
+        return (f"{super().schedule_description()}, batch size {self.batch_size}"
+                f"{' (MACL_BENCH_BATCH)' if bench_batch_size() is not None else ''}, seed {self.macl_bench_seed}")
 
 
-def _setup(trainer) -> None:
-    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = bench_schedule()
-    seed = bench_seed()
-    trainer.macl_bench_seed = seed
-    _random.seed(seed)
-    _np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+def bench_schedule() -> tuple[int, int, int]:
+    """``(epochs, train iterations per epoch, val iterations per epoch)`` of both benchmark trainers."""
+    return _BenchSchedule.schedule()
 
 
-def _log(trainer) -> None:
-    trainer.print_to_log_file(
-        f"few-label benchmark schedule: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} training / "
-        f"{trainer.num_val_iterations_per_epoch} validation iterations, batch size {trainer.batch_size}"
-        f"{' (MACL_BENCH_BATCH)' if bench_batch_size() is not None else ''}, seed {trainer.macl_bench_seed} (identical "
-        f"for nnUNetTrainerMACL_bench and nnUNetTrainerScratch_bench)", also_print_to_console=True)
-
-
-class nnUNetTrainerMACL_bench(_macl_trainer_module.nnUNetTrainerMACL):
+class nnUNetTrainerMACL_bench(_BenchSchedule, _macl_trainer_module.nnUNetTrainerMACL):
     """MACL fine-tuning with the benchmark schedule and seed (see module doc)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _setup(self)
 
-    def _set_batch_size_and_oversample(self):
-        super()._set_batch_size_and_oversample()
-        _apply_batch_size(self)
-
-    def on_train_start(self):
-        super().on_train_start()
-        _log(self)
-
-
-class nnUNetTrainerScratch_bench(_nnunet_trainer_module.nnUNetTrainer):
+class nnUNetTrainerScratch_bench(_BenchSchedule, _nnunet_trainer_module.nnUNetTrainer):
     """Scratch counterpart of :class:`nnUNetTrainerMACL_bench`: same schedule and seed, random initialisation."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _setup(self)
-
-    def _set_batch_size_and_oversample(self):
-        super()._set_batch_size_and_oversample()
-        _apply_batch_size(self)
-
-    def on_train_start(self):
-        super().on_train_start()
-        _log(self)

@@ -22,12 +22,9 @@ resolves to this module).
 """
 from __future__ import annotations
 
-import os
-
-import torch
-
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _nnunet_trainer_module
 import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
+from nnunetv2_macl.trainers.env_schedule import EnvScheduleMixin as _EnvScheduleMixin
 
 DEMO_EPOCHS_ENV = "MACL_DEMO_EPOCHS"
 DEMO_TRAIN_ITERS_ENV = "MACL_DEMO_TRAIN_ITERS"
@@ -35,56 +32,20 @@ DEMO_VAL_ITERS_ENV = "MACL_DEMO_VAL_ITERS"
 DEFAULT_DEMO_SCHEDULE = {DEMO_EPOCHS_ENV: 8, DEMO_TRAIN_ITERS_ENV: 10, DEMO_VAL_ITERS_ENV: 3}
 
 
-def _positive_int_from_env(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return int(default)
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+class _DemoSchedule(_EnvScheduleMixin):
+    schedule_env = DEFAULT_DEMO_SCHEDULE
+    schedule_label = "macl_demo schedule"
+    pair_names = "nnUNetTrainerMACL_demo and nnUNetTrainerScratch_demo"
 
 
 def demo_schedule() -> tuple[int, int, int]:
     """``(epochs, train iterations per epoch, val iterations per epoch)`` of both demo trainers."""
-    return tuple(_positive_int_from_env(k, v) for k, v in DEFAULT_DEMO_SCHEDULE.items())
+    return _DemoSchedule.schedule()
 
 
-def _apply_demo_schedule(trainer) -> None:
-    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = demo_schedule()
-
-
-def _log_demo_schedule(trainer) -> None:
-    trainer.print_to_log_file(
-        f"macl_demo schedule: {trainer.num_epochs} epochs x {trainer.num_iterations_per_epoch} training / "
-        f"{trainer.num_val_iterations_per_epoch} validation iterations (identical for nnUNetTrainerMACL_demo and "
-        f"nnUNetTrainerScratch_demo)", also_print_to_console=True)
-
-
-class nnUNetTrainerMACL_demo(_macl_trainer_module.nnUNetTrainerMACL):
+class nnUNetTrainerMACL_demo(_DemoSchedule, _macl_trainer_module.nnUNetTrainerMACL):
     """MACL fine-tuning with the demo schedule (see module doc)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _apply_demo_schedule(self)
 
-    def on_train_start(self):
-        super().on_train_start()
-        _log_demo_schedule(self)
-
-
-class nnUNetTrainerScratch_demo(_nnunet_trainer_module.nnUNetTrainer):
+class nnUNetTrainerScratch_demo(_DemoSchedule, _nnunet_trainer_module.nnUNetTrainer):
     """Scratch counterpart of :class:`nnUNetTrainerMACL_demo`: same schedule, random initialisation."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _apply_demo_schedule(self)
-
-    def on_train_start(self):
-        super().on_train_start()
-        _log_demo_schedule(self)
