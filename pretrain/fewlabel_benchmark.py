@@ -84,8 +84,10 @@ import numpy as np
 
 # The demo's helpers: subprocess environment, console-script lookup, streamed output with a timeout,
 # temporarily set environment variables, reading nnU-Net's summary.json.
-from nnunetv2_macl.demo.pipeline import (DemoError, _find_executable, _stream, _subprocess_env, _temporary_environ,
-                                         read_summary)
+from nnunetv2_macl.run.subprocess_steps import StepError as DemoError
+from nnunetv2_macl.run.subprocess_steps import find_executable as _find_executable
+from nnunetv2_macl.run.subprocess_steps import read_summary, subprocess_env as _subprocess_env
+from nnunetv2_macl.run.subprocess_steps import stream_command as _stream, temporary_environ as _temporary_environ
 
 CONFIGURATION = "2d"
 PLANS = "nnUNetPlans"

@@ -3,7 +3,6 @@ pretraining code path: one optimisation step each, checking the shapes of the pr
 that the loss reaches exactly the parameters the switch says it should."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest

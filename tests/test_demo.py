@@ -128,9 +128,9 @@ def test_failing_or_hanging_step_stops_the_demo(tmp_path):
 
     log = tmp_path / "step.log"
     with pytest.raises(DemoError, match="failed with exit status 3") as e:
-        pipeline._stream([sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], dict(os.environ),
+        pipeline.stream_command([sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], dict(os.environ),
                          "[x]", log, timeout=60)
     assert "about to fail" in str(e.value) and "about to fail" in log.read_text()
     with pytest.raises(DemoError, match="ran longer than 1 s"):
-        pipeline._stream([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), "[x]", log,
+        pipeline.stream_command([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), "[x]", log,
                          timeout=1)

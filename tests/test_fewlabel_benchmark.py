@@ -375,8 +375,11 @@ def test_cpu_smoke_cli_end_to_end(tmp_path):
                        env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=1200)
     secs = time.perf_counter() - t0
     print(f"cpu-smoke end to end: {secs:.0f} s")
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     report = workdir / "report"
+    if p.returncode != 0:  # say which run failed and why before the output's tail
+        log = workdir / fb.RUN_LOG
+        bad = [r for r in json.loads(log.read_text()) if r["status"] != "done"] if log.is_file() else "no run log"
+        pytest.fail(f"exit status {p.returncode}; runs not done: {bad}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     for f in ("fewlabel_runs.csv", "fewlabel_summary.csv", "fewlabel_table.md", "fewlabel_dice_vs_M.png",
               "fewlabel_overlay_M2.png", "fewlabel_overlay_M4.png", "fewlabel_result.json"):
         assert (report / f).is_file(), f

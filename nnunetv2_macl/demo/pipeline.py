@@ -31,17 +31,18 @@ Python API: :func:`run_demo` (returns a dict with both Dice values and the paths
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
+
+from nnunetv2_macl.run.subprocess_steps import (
+    StepError, find_executable, read_summary, stream_command, subprocess_env, temporary_environ)
+
+DemoError = StepError  # the demo's name for a failed step
 
 MARKER = "macl_demo.json"
 DEFAULT_WORKDIR = "demo_output"
@@ -65,11 +66,6 @@ DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=2, pretrain_ba
                 finetune_epochs=8, train_iters=10, val_iters=3)
 
 
-_PROGRESS_BAR = re.compile(r"\d+/\d+ \[[0-9:<?]+")
-
-
-class DemoError(RuntimeError):
-    """A step of the demo failed; the message says which and where to look."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -89,7 +85,7 @@ def _num_processes() -> int:
 
 
 def _demo_environ(paths: dict[str, str]) -> dict[str, str]:
-    """The variables this process sets while the demo runs (restored afterwards, see :func:`_temporary_environ`).
+    """The variables this process sets while the demo runs (restored afterwards, see :func:`temporary_environ`).
 
     nnU-Net's process counts default to 8 / a host table: they are capped at this machine's cores
     unless the user set them (nnunetv2 reads ``nnUNet_def_n_proc`` when it is first imported)."""
@@ -100,48 +96,10 @@ def _demo_environ(paths: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@contextlib.contextmanager
-def _temporary_environ(values: dict[str, str]):
-    """Set environment variables for the duration of the demo and restore the previous values, so that
-    :func:`run_demo` called from other code (e.g. a test session) leaves its environment as it was."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def nnunet_paths(workdir: str | os.PathLike) -> dict[str, str]:
     base = Path(workdir).resolve()
     return {"nnUNet_raw": str(base / "nnUNet_raw"), "nnUNet_preprocessed": str(base / "nnUNet_preprocessed"),
             "nnUNet_results": str(base / "nnUNet_results")}
-
-
-def _subprocess_env(paths: dict[str, str], ext_trainer: str) -> dict[str, str]:
-    """Environment of the ``macl_pretrain`` / ``nnUNetv2_train`` subprocesses."""
-    env = dict(os.environ)
-    env.update(paths)
-    env["nnUNet_extTrainer"] = ext_trainer
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see module doc
-    env["PYTHONUNBUFFERED"] = "1"  # stream the output as it comes
-    return env
-
-
-def _find_executable(name: str) -> str:
-    """The console script of this environment (next to the running interpreter), else from PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise DemoError(f"`{name}` was not found next to {sys.executable} nor on PATH; is nnunetv2 installed in "
-                        f"this environment?")
-    return found
 
 
 def _settings(num_cases, shape, pretrain_epochs, pretrain_batch_size, finetune_epochs, train_iters, val_iters,
@@ -201,81 +159,6 @@ def _complete(workdir: Path, state: dict, step: str) -> None:
     _write_marker(workdir, state)
 
 
-def _stream(cmd: list[str], env: dict, prefix: str, log_file: Path, timeout: float | None) -> float:
-    """Run ``cmd``, pass its output through line by line (prefixed) and into ``log_file``.
-
-    Returns the wall time; raises :class:`DemoError` on a non-zero exit status or a timeout.
-    """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    _say(f"[macl_demo] $ {' '.join(cmd)}")
-    _say(f"[macl_demo]   (output below prefixed with '{prefix}', also in {log_file})")
-    t0 = time.perf_counter()
-    last_progress = -1e9
-    tail: list[str] = []
-    with open(log_file, "w", buffering=1) as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", bufsize=1)
-        timed_out = threading.Event()
-
-        def _kill_on_timeout() -> None:
-            timed_out.set()
-            proc.kill()
-
-        watchdog = threading.Timer(timeout, _kill_on_timeout) if timeout is not None else None
-        if watchdog is not None:
-            watchdog.daemon = True
-            watchdog.start()
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.write(line)
-                line = line.rstrip()
-                tail = (tail + [line])[-40:]
-                if _PROGRESS_BAR.search(line):  # tqdm redraws: one every 15 s is enough on screen
-                    if time.perf_counter() - last_progress < 15.0:
-                        continue
-                    last_progress = time.perf_counter()
-                if line.strip():
-                    print(f"{prefix} {line}", flush=True)
-            rc = proc.wait()
-        except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            raise
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-    secs = time.perf_counter() - t0
-    if timed_out.is_set():
-        raise DemoError(f"`{' '.join(cmd)}` ran longer than {timeout:.0f} s and was stopped; see {log_file}")
-    if rc != 0:
-        last = "\n".join(tail[-15:])
-        raise DemoError(f"`{' '.join(cmd)}` failed with exit status {rc} after {secs:.0f} s; full output in "
-                        f"{log_file}. Last lines:\n{last}")
-    return secs
-
-
-def read_summary(summary_file: str | os.PathLike, labels: dict[str, int] | None = None) -> dict:
-    """Dice from nnU-Net's ``validation/summary.json``: foreground mean, per class (by label name when
-    ``labels`` is given) and the validation cases."""
-    path = Path(summary_file)
-    if not path.is_file():
-        raise DemoError(f"{path} was not written; the training did not finish its validation")
-    summary = json.loads(path.read_text())
-    try:
-        fg = float(summary["foreground_mean"]["Dice"])
-        names = {str(v): k for k, v in (labels or {}).items()}
-        per_class = {names.get(str(k), str(k)): float(v["Dice"]) for k, v in summary["mean"].items()}
-        cases = sorted(Path(c["reference_file"]).name for c in summary.get("metric_per_case", []))
-    except (KeyError, TypeError, ValueError) as e:
-        raise DemoError(f"{path} does not look like an nnU-Net validation summary ({e!r})") from None
-    return {"foreground_mean_dice": fg, "dice_per_class": per_class, "validation_cases": cases,
-            "summary_file": str(path)}
-
-
-# ---------------------------------------------------------------------------------------------- the demo
 def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFAULTS["num_cases"],
              shape: Sequence[int] = DEFAULTS["shape"], pretrain_epochs: int = DEFAULTS["pretrain_epochs"],
              finetune_epochs: int = DEFAULTS["finetune_epochs"], device: str = "cpu",
@@ -317,7 +200,7 @@ def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFA
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
     # this process (planning) and, inherited, the subprocesses; restored when the demo returns
-    with _temporary_environ(_demo_environ(paths)):
+    with temporary_environ(_demo_environ(paths)):
         return _run_steps(workdir, settings, state, paths, step_timeout)
 
 
@@ -391,7 +274,7 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
          f"({timings['plan_and_preprocess']:.1f} s)")
 
     # -- 3. MACL pretraining ---------------------------------------------------------------------
-    env = _subprocess_env(paths, ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
+    env = subprocess_env(paths, ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
     _banner(f"3/5 MACL pretraining with macl_pretrain ({pretrain_epochs} epochs, batch {pretrain_batch_size}); "
             f"images only, no labels")
     t0 = time.perf_counter()
@@ -400,7 +283,7 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
     if not reuse("pretrain", checkpoint):
         if pretrain_folder.exists():  # an unfinished earlier run (--keep); macl_pretrain would refuse it
             shutil.rmtree(pretrain_folder)
-        _stream([_find_executable("macl_pretrain"), "-d", str(dataset_id), "-c", CONFIGURATION, "-p", PLANS,
+        stream_command([find_executable("macl_pretrain"), "-d", str(dataset_id), "-c", CONFIGURATION, "-p", PLANS,
                  "--device", device, "--epochs", str(int(pretrain_epochs)), "--batch-size",
                  str(int(pretrain_batch_size)), "--num-workers", "0", "--seed", str(12345 + int(seed)),
                  "--save-every", str(max(1, int(pretrain_epochs)))],
@@ -412,7 +295,7 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
     _say(f"[macl_demo] pretrained weights: {checkpoint} ({timings['pretrain']:.1f} s)")
 
     # -- 4. fine-tuning and scratch with the stock nnUNetv2_train -----------------------------------
-    train_bin = _find_executable("nnUNetv2_train")
+    train_bin = find_executable("nnUNetv2_train")
     env["MACL_PRETRAINED"] = str(checkpoint)  # explicit: never a checkpoint from elsewhere
     env[DEMO_EPOCHS_ENV] = str(int(finetune_epochs))
     env[DEMO_TRAIN_ITERS_ENV] = str(int(train_iters))
@@ -435,7 +318,7 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
                 _say(f"[macl_demo] MACL_PRETRAINED={env['MACL_PRETRAINED']}")
             _say(f"[macl_demo] {DEMO_EPOCHS_ENV}={env[DEMO_EPOCHS_ENV]} {DEMO_TRAIN_ITERS_ENV}="
                  f"{env[DEMO_TRAIN_ITERS_ENV]} {DEMO_VAL_ITERS_ENV}={env[DEMO_VAL_ITERS_ENV]}")
-            _stream([train_bin, str(dataset_id), CONFIGURATION, str(FOLD), "-tr", trainer, "-device", device],
+            stream_command([train_bin, str(dataset_id), CONFIGURATION, str(FOLD), "-tr", trainer, "-device", device],
                     env, prefix, log_file, step_timeout)
             _complete(workdir, state, f"train_{key}")
         timings[f"train_{key}"] = time.perf_counter() - t0

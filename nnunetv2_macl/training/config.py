@@ -6,7 +6,7 @@ One code path: a method is a set of switches on :class:`MACLConfig`, resolved in
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 METHODS = ("macl", "pcl", "simclr")
 DENSE_FORMS = ("supcon", "mse", "byol")
