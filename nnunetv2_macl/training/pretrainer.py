@@ -397,10 +397,13 @@ class MACLPretrainer:
         return all_gather_with_grad(t)
 
     def check_finite(self, components: dict[str, torch.Tensor]) -> None:
-        values = torch.stack([components[k].float() for k in ("Lg", "Ld", "LER", "total")])
-        if bool(torch.isfinite(values).all()):  # one host sync per step, shared with progress logging
+        names = ("Lg", "Ld", "LER", "total")
+        # the step's one host sync; run_training logs these values instead of syncing again
+        values = torch.stack([components[k].float() for k in names]).tolist()
+        self.last_step_losses = dict(zip(names, values))
+        if all(math.isfinite(v) for v in values):
             return
-        bad = [k for k, v in zip(("Lg", "Ld", "LER", "total"), values.tolist()) if not math.isfinite(v)]
+        bad = [k for k, v in zip(names, values) if not math.isfinite(v)]
         bad = [k for k in bad if k != "total"] or bad  # name the component(s); total follows from them
         iteration = getattr(self, "_iteration", 0)
         step = self.current_epoch * self.iterations_per_epoch + iteration
@@ -451,10 +454,9 @@ class MACLPretrainer:
             bar = tqdm(self.dataloader, desc=f"epoch {self.current_epoch + 1}/{self.config.epochs}",
                        disable=not self.is_main, leave=False, file=sys.stderr, mininterval=1.0)
             for self._iteration, (images, positions) in enumerate(bar):
-                components = self.train_step(images, positions)
-                values = torch.stack([components[k].float() for k in sums]).tolist()
-                for k, v in zip(sums, values):
-                    sums[k] += v
+                self.train_step(images, positions)
+                for k in sums:
+                    sums[k] += self.last_step_losses[k]
                 n += 1
                 bar.set_postfix(loss=f"{sums['total'] / n:.4f}", refresh=False)
             bar.close()
