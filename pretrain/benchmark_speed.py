@@ -217,13 +217,13 @@ def main(argv=None) -> int:
         def pipeline_step():
             nonlocal it
             try:
-                x, pos = next(it)
+                batch = next(it)
             except StopIteration:
                 trainer.current_epoch += 1
                 trainer.on_epoch_start()
                 it = iter(trainer.dataloader)
-                x, pos = next(it)
-            trainer.train_step(x, pos)
+                batch = next(it)
+            trainer.train_step(*batch)
         t_c = timed(pipeline_step, args.steps, args.warmup, device)
         results["c_macl_pipeline"] = {"s_per_step": t_c, "slices_per_s": b / t_c, "peak_gib": peak_gib(device)}
 

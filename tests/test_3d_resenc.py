@@ -106,8 +106,11 @@ def test_patch_positions_are_patch_centres(tiny_dataset_3d):
         ds = PretrainPatchDataset(folder, patch, patches_per_case=6, seed=3)
         assert len(ds) == 6 * len(ds.identifiers)
         for k in range(0, len(ds), 5):
-            image, position = ds[k]
+            image, position, content = ds[k]
             assert tuple(image.shape) == (1, *patch) and position.shape == (3,)
+            assert tuple(content.shape) == (1, *patch)
+            # padding (outside the volume) is zero in the image and marked 0 in the content mask
+            assert bool((image[content == 0] == 0).all()) and content.max() == 1
             shape = ds.shapes[k // ds.patches_per_case]
             centre = ds.centre(k)
             assert all(0 <= c < s for c, s in zip(centre, shape))

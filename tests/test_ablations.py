@@ -32,9 +32,9 @@ def one_step(tiny_dataset, tmp_path, **overrides):
     trainer.initialize()
     trainer.on_epoch_start()
     trainer._iteration = 0
-    images, positions = next(iter(trainer.dataloader))
+    batch = next(iter(trainer.dataloader))
     before = {k: v.detach().clone() for k, v in trainer.macl.named_parameters()}
-    components = trainer.train_step(images, positions)
+    components = trainer.train_step(*batch)
     changed = {k for k, v in trainer.macl.named_parameters() if not torch.equal(v.detach(), before[k])}
     return trainer, components, changed
 
@@ -97,9 +97,9 @@ def test_two_stage(tiny_dataset, tmp_path):
     # stage 2: encoder frozen, decoder trained with the dense loss
     trainer.current_epoch = 1
     trainer.on_epoch_start()
-    images, positions = next(iter(trainer.dataloader))
+    batch = next(iter(trainer.dataloader))
     before = {k: v.detach().clone() for k, v in trainer.macl.named_parameters()}
-    comps = trainer.train_step(images, positions)
+    comps = trainer.train_step(*batch)
     changed = {k for k, v in trainer.macl.named_parameters() if not torch.equal(v.detach(), before[k])}
     assert float(comps["Lg"]) == 0 and float(comps["Ld"]) > 0
     assert not any_changed(changed, "network.encoder.") and any_changed(changed, "network.decoder.stages.0.")

@@ -227,14 +227,15 @@ def test_downsample_constant_stays_constant(shape, scale):
     torch.testing.assert_close(y, torch.full_like(y, 3.7))
 
 
-def test_downsample_align_corners_true_keeps_corners():
-    x = torch.randn(1, 1, 9, 17)
-    y = downsample(x, (5 / 9, 9 / 17))
-    assert y.shape == (1, 1, 5, 9)
-    for idx in [(0, 0), (0, -1), (-1, 0), (-1, -1)]:
-        torch.testing.assert_close(y[0, 0][idx], x[0, 0][idx])
-    # every other row/column sample exactly (stride 2 grid with align_corners=True)
-    torch.testing.assert_close(y, x[..., ::2, ::2])
+@pytest.mark.parametrize("shape,scale", [((2, 3, 64, 48), (0.25, 0.25)), ((1, 2, 8, 16, 24), (0.5, 0.25, 0.125))])
+def test_downsample_is_block_average(shape, scale):
+    """Output cell j is the mean of input cells [j/lambda, (j+1)/lambda): the region a strided feature
+    map's cell sees (bilinear with align_corners=True would sample the corners instead)."""
+    x = torch.randn(shape)
+    y = downsample(x, scale)
+    k = tuple(int(round(1 / s)) for s in scale)
+    pool = torch.nn.functional.avg_pool2d if len(k) == 2 else torch.nn.functional.avg_pool3d
+    torch.testing.assert_close(y, pool(x, k))
 
 
 def test_downsample_dtype_and_grad():

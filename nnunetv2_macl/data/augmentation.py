@@ -3,8 +3,8 @@
 Everything here works on whole batches with tensor ops (``affine_grid`` /
 ``grid_sample`` / broadcasting); there is no Python loop over samples.
 
-* :func:`downsample` -- the paper's ``down()``: bilinear (2-D) / trilinear (3-D)
-  interpolation with ``align_corners=True``.
+* :func:`downsample` -- the paper's ``down()``: area (average) pooling, which keeps the
+  geometry of nnU-Net's strided grids (METHOD.md).
 * :class:`RandomSpatialTransform` -- ``T_var``: random rotation, isotropic
   scale, translation and mirroring, drawn independently per sample and applied
   to the whole batch with a single ``grid_sample`` call.
@@ -101,7 +101,10 @@ def _check_probability(value, name: str) -> float:
 def downsample(x: Tensor, scale: Sequence[float] | float) -> Tensor:
     """The paper's ``down()``: resize the spatial axes of ``x`` by ``scale``.
 
-    Bilinear (2-D) / trilinear (3-D) interpolation with ``align_corners=True``.
+    Area interpolation (``F.interpolate(mode="area")``): for the integer factors 1/lambda of
+    MACL this is average pooling over 1/lambda-sized blocks, so output cell j covers input cells
+    [j/lambda, (j+1)/lambda) and the same image region as the cell of a strided feature map.
+    (Bilinear with ``align_corners=True``, used before, samples the corner cells of small maps.)
     The output spatial size is ``round(size_i * scale_i)`` per axis (Python
     ``round``). ``scale`` is one factor per spatial axis (a single number is
     broadcast to all axes). If the output size equals the input size (in
@@ -131,10 +134,9 @@ def downsample(x: Tensor, scale: Sequence[float] | float) -> Tensor:
         raise ValueError(f"downsample of spatial size {in_size} by {scales} gives empty size {out_size}")
     if out_size == in_size:
         return x
-    mode = "bilinear" if ndim == 2 else "trilinear"
     if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        return F.interpolate(x.float(), size=out_size, mode=mode, align_corners=True).to(x.dtype)
-    return F.interpolate(x, size=out_size, mode=mode, align_corners=True)
+        return F.interpolate(x.float(), size=out_size, mode="area").to(x.dtype)
+    return F.interpolate(x, size=out_size, mode="area")
 
 
 # --------------------------------------------------------------------------- T_var

@@ -85,8 +85,10 @@ def case_shapes(dataset_class: type, folder: str, identifiers: Sequence[str]) ->
     return num_channels, shapes
 
 
-def _fit(arr: np.ndarray, crop: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """Random crop where larger than ``crop``, centred zero padding where smaller (last len(crop) axes)."""
+def _fit(arr: np.ndarray, crop: Sequence[int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random crop where larger than ``crop``, centred zero padding where smaller (last len(crop) axes).
+
+    Returns the fitted array and its content mask (1, *crop): 1 where it holds image, 0 on padding."""
     nd = len(crop)
     spatial = arr.shape[-nd:]
     slices = [slice(None)] * (arr.ndim - nd)
@@ -101,17 +103,20 @@ def _fit(arr: np.ndarray, crop: Sequence[int], rng: np.random.Generator) -> np.n
             before = (c - size) // 2
             pads.append((before, c - size - before))
     out = arr[tuple(slices)]
+    content = np.ones((1,) + out.shape[-nd:], dtype=np.float32)
     if any(p != (0, 0) for p in pads):
         out = np.pad(out, pads)
-    return out
+        content = np.pad(content, [(0, 0)] + pads[-nd:])
+    return out, content
 
 
 class PretrainSliceDataset(Dataset):
     """Every 2-D slice of every case, along the axis nnU-Net's 2-D configuration slices (axis 0 of
     the preprocessed (transposed) array), with position p = (i + 1) / n_slices.
 
-    Item k -> (image (C, *crop) float32 tensor, position (1,) float32 tensor). The random crop is
-    drawn from a generator seeded by (seed, epoch, k), so a resumed run sees the same data.
+    Item k -> (image (C, *crop) float32, position (1,) float32, content (1, *crop) float32: 1 on
+    image, 0 on the zero padding of slices smaller than the crop). The random crop is drawn from a
+    generator seeded by (seed, epoch, k), so a resumed run sees the same data.
 
     Single-slice cases have no defined position and are refused unless ``allow_single_slice``
     (instance positives, i.e. SimCLR, never look at positions; such a slice gets position 1).
@@ -165,8 +170,9 @@ class PretrainSliceDataset(Dataset):
         z = int(self.slice_index[k])
         image = np.asarray(self._array(identifier)[:, z], dtype=np.float32)
         rng = np.random.default_rng((self.seed, self.epoch, int(k)))
-        image = _fit(image, self.crop_size, rng)
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor([self.positions[k]])
+        image, content = _fit(image, self.crop_size, rng)
+        return (torch.from_numpy(np.ascontiguousarray(image)), torch.tensor([self.positions[k]]),
+                torch.from_numpy(content))
 
 
 class PretrainPatchDataset(Dataset):
@@ -180,7 +186,8 @@ class PretrainPatchDataset(Dataset):
     describes the centre of what the patch shows, also near the borders and when the patch is
     larger than the volume. The centre is drawn from a generator seeded by (seed, epoch, k).
 
-    Item k -> (image (C, *patch) float32, position (3,) float32 in (0, 1]).
+    Item k -> (image (C, *patch) float32, position (3,) float32 in (0, 1], content (1, *patch)
+    float32: 1 inside the volume, 0 on the padding).
     """
 
     def __init__(self, folder: str, patch_size: Sequence[int], identifiers: Sequence[str] | None = None,
@@ -225,10 +232,13 @@ class PretrainPatchDataset(Dataset):
         arr = self._array(identifier)
         image = np.asarray(arr[(slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))], dtype=np.float32)
         pads = [(0, 0)] + [(a - s0, s0 + p - b) for a, b, s0, p in zip(lo, hi, start, self.patch_size)]
+        content = np.ones((1,) + image.shape[1:], dtype=np.float32)
         if any(p != (0, 0) for p in pads):
             image = np.pad(image, pads)
+            content = np.pad(content, pads)
         position = [(c + 1) / s for c, s in zip(centre, shape)]
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(position, dtype=torch.float32)
+        return (torch.from_numpy(np.ascontiguousarray(image)), torch.tensor(position, dtype=torch.float32),
+                torch.from_numpy(content))
 
 
 class EpochPermutationSampler(torch.utils.data.Sampler):

@@ -9,6 +9,9 @@ Reference:
 form="supcon" (default, eq. 12): for every spatial location s,
 SupCon([Z_l[:, :, s]; Z~_l[:, :, s]], [p; p]) with the slice positions as labels, averaged
 over locations. All locations are computed at once as an (S, 2N, 2N) similarity tensor.
+
+Cells of zero padding (a crop larger than the slice) carry no image content: with a content
+mask, a cell whose content fraction is below one half is left out of every form of the loss.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def dense_contrastive_loss(
     form: str = "supcon",
     positives: str = "position",
     base_temperature: float | None = None,
+    content: Tensor | None = None,
 ) -> Tensor:
     """Ld (paper eq. 12) and its Table VII ablation forms.
 
@@ -62,6 +66,9 @@ def dense_contrastive_loss(
             2 - 2 cos(z_dom, z_aux); no negatives).
         positives: "position" (PCL/MACL) or "instance" (SimCLR), form="supcon" only.
         base_temperature: optional tau / base_temperature factor (form="supcon").
+        content: optional (N, 1, *crop) mask of the input crop, 1 on image and 0 on padding (the
+            same for both branches: their dense views are T_fix). Cells whose area-averaged content
+            is below 0.5 are excluded.
 
     Returns:
         Scalar float32 loss.
@@ -73,19 +80,41 @@ def dense_contrastive_loss(
     check_positives(positives)
     _check_dense_inputs(z_dominant, z_auxiliary)
 
+    n, c = z_dominant.shape[:2]
+    cells = content_cells(content, z_dominant.shape[2:]) if content is not None else None  # (N, S_total)
     if form == "supcon":
-        n, c = z_dominant.shape[:2]
         mask = branch_positive_mask(positions, n, threshold, positives, z_dominant.device)
         # (2N, C, S_total) -> (S_total, 2N, C): one SupCon problem per location, batched.
         features = torch.cat([z_dominant.reshape(n, c, -1), z_auxiliary.reshape(n, c, -1)], dim=0)
-        return masked_supcon_loss(features.permute(2, 0, 1), mask, tau=tau, base_temperature=base_temperature)
+        valid = None if cells is None else torch.cat([cells, cells], dim=0).T  # (S_total, 2N)
+        return masked_supcon_loss(features.permute(2, 0, 1), mask, tau=tau, base_temperature=base_temperature,
+                                  valid=valid)
 
     with float32_math(z_dominant.device):
         if form == "mse":
-            return F.mse_loss(z_dominant.float(), z_auxiliary.float())
-        a = F.normalize(z_dominant.float(), dim=1)
-        b = F.normalize(z_auxiliary.float(), dim=1)
-        return (2.0 - 2.0 * (a * b).sum(dim=1)).mean()
+            per_cell = (z_dominant.float() - z_auxiliary.float()).pow(2).mean(dim=1)
+        else:
+            a = F.normalize(z_dominant.float(), dim=1)
+            b = F.normalize(z_auxiliary.float(), dim=1)
+            per_cell = 2.0 - 2.0 * (a * b).sum(dim=1)
+        per_cell = per_cell.reshape(n, -1)
+        if cells is None:
+            return per_cell.mean()
+        weights = cells.float()
+        return (per_cell * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def content_cells(content: Tensor, grid: tuple[int, ...] | torch.Size) -> Tensor:
+    """(N, 1, *crop) content mask -> (N, prod(grid)) bool: cells of ``grid`` at least half image.
+
+    The grid cells partition the crop into equal blocks (the crop is a multiple of the grid), so the
+    content fraction of a cell is the block average of the mask.
+    """
+    if content.ndim != len(grid) + 2 or content.shape[1] != 1:
+        raise ValueError(f"content must have shape (N, 1, *crop) with {len(grid)} spatial axes, got "
+                         f"{tuple(content.shape)}")
+    fraction = F.interpolate(content.float(), size=tuple(int(g) for g in grid), mode="area")
+    return (fraction >= 0.5).reshape(content.shape[0], -1)
 
 
 class DenseContrastiveLoss(nn.Module):
@@ -111,7 +140,8 @@ class DenseContrastiveLoss(nn.Module):
         self.positives = positives
         self.base_temperature = base_temperature
 
-    def forward(self, z_dominant: Tensor, z_auxiliary: Tensor, positions: Tensor | None) -> Tensor:
+    def forward(self, z_dominant: Tensor, z_auxiliary: Tensor, positions: Tensor | None,
+                content: Tensor | None = None) -> Tensor:
         return dense_contrastive_loss(
             z_dominant,
             z_auxiliary,
@@ -121,6 +151,7 @@ class DenseContrastiveLoss(nn.Module):
             form=self.form,
             positives=self.positives,
             base_temperature=self.base_temperature,
+            content=content,
         )
 
     def extra_repr(self) -> str:

@@ -7,8 +7,13 @@ Reference:
       Supervised Semantic Segmentation", CVPR 2020.
 
 Y is the bottleneck of the down-sampled input (dominant branch), Y~ the bottleneck of the
-full-resolution input (auxiliary branch); down() is bilinear / trilinear interpolation with
-align_corners=True, as for the input down-sampling (METHOD.md).
+full-resolution input (auxiliary branch); down() is average pooling by 1/lambda, which pairs
+the cells that see the same image region (METHOD.md).
+
+Both bottlenecks come from one encoder, so an L1 on raw features is lowered by shrinking the
+last stage's norm weights instead of by making the branches agree. Each location's channel
+vector is therefore L2-normalised first: LER compares directions, and scaling the features
+leaves it unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from .supcon import float32_math
 
 
 def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
-    """LER (paper eq. 13), L1 averaged over all elements.
+    """LER (paper eq. 13) on scale-free features: L1, averaged over all elements, between the
+    per-location L2-normalised channel vectors of Y and down(Y~).
 
     Args:
         y_dominant: (N, C, *s) bottleneck of the down-sampled input (Y), s 2-D or 3-D.
@@ -52,9 +58,8 @@ def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
         y = y_dominant.float()
         y_tilde = y_auxiliary.float()
         if small != large:
-            mode = "bilinear" if len(small) == 2 else "trilinear"
-            y_tilde = F.interpolate(y_tilde, size=small, mode=mode, align_corners=True)
-        return F.l1_loss(y, y_tilde)
+            y_tilde = F.interpolate(y_tilde, size=small, mode="area")
+        return F.l1_loss(F.normalize(y, dim=1), F.normalize(y_tilde, dim=1))
 
 
 class EquivarianceLoss(nn.Module):

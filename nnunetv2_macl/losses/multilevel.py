@@ -45,6 +45,8 @@ class MultiLevelContrastiveLoss(nn.Module):
             "bottleneck_dominant" (N, C, *s), "bottleneck_auxiliary" (N, C, *S).
             Keys of switched-off components may be absent.
         positions: (N,) or (N, D) normalised positions (may be None with positives="instance").
+        content: optional (N, 1, *crop) content mask of the input (1 image, 0 padding); Ld leaves
+            out the cells that are mostly padding.
 
     Returns:
         (total, {"Lg", "Ld", "LER"}): total is a float32 scalar with graph; the dict holds the
@@ -78,6 +80,11 @@ class MultiLevelContrastiveLoss(nn.Module):
         self.dense_form = dense_form
         self.base_temperature = base_temperature
 
+    def global_loss(self, z_dominant: Tensor, z_auxiliary: Tensor, positions: Tensor | None) -> Tensor:
+        """Lg alone, with this loss's settings (also used by the collapse diagnostics)."""
+        return global_contrastive_loss(z_dominant, z_auxiliary, positions, self.threshold, self.tau, self.positives,
+                                       self.base_temperature)
+
     def _pair(self, outputs: Mapping[str, Tensor], name: str) -> tuple[Tensor, Tensor]:
         index, keys = _COMPONENTS[name]
         for key in keys:
@@ -88,18 +95,17 @@ class MultiLevelContrastiveLoss(nn.Module):
                 )
         return outputs[keys[0]], outputs[keys[1]]
 
-    def forward(self, outputs: Mapping[str, Tensor], positions: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+    def forward(self, outputs: Mapping[str, Tensor], positions: Tensor | None,
+                content: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         components: dict[str, Tensor] = {}
         if self.weights[0] > 0:
             z, z_tilde = self._pair(outputs, "Lg")
-            components["Lg"] = global_contrastive_loss(
-                z, z_tilde, positions, self.threshold, self.tau, self.positives, self.base_temperature
-            )
+            components["Lg"] = self.global_loss(z, z_tilde, positions)
         if self.weights[1] > 0:
             z, z_tilde = self._pair(outputs, "Ld")
             components["Ld"] = dense_contrastive_loss(
                 z, z_tilde, positions, self.threshold, self.tau, self.dense_form, self.positives,
-                self.base_temperature,
+                self.base_temperature, content,
             )
         if self.weights[2] > 0:
             y, y_tilde = self._pair(outputs, "LER")

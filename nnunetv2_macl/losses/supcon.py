@@ -130,6 +130,7 @@ def masked_supcon_loss(
     positive_mask: Tensor,
     tau: float = 0.1,
     base_temperature: float | None = None,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """SupCon loss with an explicit positive mask.
 
@@ -140,6 +141,9 @@ def masked_supcon_loss(
         tau: temperature.
         base_temperature: if given, the loss is multiplied by tau / base_temperature (the
             authors' left-over factor, e.g. 0.07). Default: no factor.
+        valid: optional (..., M) bool, broadcastable to the features' leading dims: samples
+            marked False (e.g. dense cells of zero padding) are neither anchors nor in any
+            anchor's positives or denominator.
 
     Returns:
         Scalar float32 loss: mean over anchors with >= 1 positive, then over leading dims
@@ -165,6 +169,13 @@ def masked_supcon_loss(
         logits = f @ f.transpose(-1, -2) / tau  # (..., M, M), bounded by 1/tau
         self_mask = torch.eye(m, dtype=torch.bool, device=f.device)
         positives = positive_mask.to(device=f.device, dtype=torch.bool) & ~self_mask
+        if valid is not None:
+            if valid.shape[-1] != m:
+                raise ValueError(f"valid must have shape (..., {m}), got {tuple(valid.shape)}")
+            valid = valid.to(device=f.device, dtype=torch.bool)
+            positives = positives & valid[..., None, :] & valid[..., :, None]
+            # a large finite value, not -inf: an anchor with no valid partner stays finite (and unused)
+            logits = logits.masked_fill(~valid[..., None, :], -1e4)
 
         # Denominator excludes k == a: mask the diagonal before the (stable) logsumexp.
         logits = logits.masked_fill(self_mask, float("-inf"))

@@ -123,11 +123,15 @@ class MACLNetwork(nn.Module):
             g_ins(e(down(V1))) (paper eq. 9) when False.
         encoder_mode: "shared" (paper default), "independent" (auxiliary branch has its own encoder)
             or "ema" (auxiliary encoder is an exponential moving average of the dominant one).
+        global_pooling: the image-level descriptor of both g_ins heads (see ``GlobalDescriptor``).
+        shared_global_head: one g_ins for both views (PCL / SimCLR, whose originals use one head);
+            needs both branches to feed it the same channels (N = 0 or Z^g from the encoder).
     """
 
     def __init__(self, network: nn.Module, decoder_blocks: int = 2, projection_dim: int = 128,
                  global_through_decoder: bool = True, encoder_mode: str = "shared",
-                 ema_momentum: float = 0.99) -> None:
+                 ema_momentum: float = 0.99, global_pooling: str = "max",
+                 shared_global_head: bool = False) -> None:
         super().__init__()
         if encoder_mode not in ENCODER_MODES:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {encoder_mode!r}")
@@ -155,12 +159,20 @@ class MACLNetwork(nn.Module):
                     p.requires_grad_(False)
 
         global_in = dense_channels if (global_through_decoder and decoder_blocks > 0) else bottleneck_channels
-        self.global_head_dominant = InstanceProjector(global_in, 128, projection_dim)
-        self.global_head_auxiliary = InstanceProjector(bottleneck_channels, 128, projection_dim)
+        self.global_head_dominant = InstanceProjector(global_in, 128, projection_dim, global_pooling)
+        if shared_global_head and global_in != bottleneck_channels:
+            raise ValueError(f"a shared image-level head needs the same channels in both branches, got {global_in} "
+                             f"(dominant) and {bottleneck_channels} (auxiliary bottleneck)")
+        # None: the auxiliary view goes through the dominant head (one head for both views)
+        self.global_head_auxiliary = (None if shared_global_head
+                                      else InstanceProjector(bottleneck_channels, 128, projection_dim, global_pooling))
         self.pixel_head_auxiliary = PixelProjector(bottleneck_channels, dense_channels, encoder.conv_op,
                                                    encoder.norm_op, encoder.norm_op_kwargs)
 
     # -- pieces -------------------------------------------------------------------------------
+    def _aux_global_head(self) -> InstanceProjector:
+        return self.global_head_dominant if self.global_head_auxiliary is None else self.global_head_auxiliary
+
     def _aux_encoder(self) -> nn.Module:
         return self.network.encoder if self.auxiliary_encoder is None else self.auxiliary_encoder
 
@@ -194,9 +206,11 @@ class MACLNetwork(nn.Module):
         """Compute the projections the enabled losses need.
 
         i1/i2: T_fix views (N, C, *S) of the dominant/auxiliary branch; v1/v2: T_var views.
-        need: subset of {"global", "dense", "equivariance"}.
+        need: subset of {"global", "dense", "equivariance", "descriptors"}; "descriptors" (with
+            "global") adds the pooled image-level descriptors before the MLPs (diagnostics).
         Returns a dict with keys global_dominant/global_auxiliary (N, D), dense_dominant/
-        dense_auxiliary (N, C_D, *s), bottleneck_dominant/bottleneck_auxiliary, as needed.
+        dense_auxiliary (N, C_D, *s), bottleneck_dominant/bottleneck_auxiliary,
+        descriptor_dominant/descriptor_auxiliary (N, C), as needed.
         Views of one branch go through the encoder as one concatenated batch (instance norm makes
         this identical to two passes and it halves the kernel launches).
         """
@@ -224,7 +238,7 @@ class MACLNetwork(nn.Module):
             if "global" in need:
                 var_skips = [s[k:] for s in skips]
                 feats = self.partial_decode(var_skips) if self.global_through_decoder else var_skips[-1]
-                out["global_dominant"] = self.global_head_dominant(feats)
+                self._project_global(self.global_head_dominant, feats, "dominant", need, out)
 
         # auxiliary branch
         aux_inputs = []
@@ -243,8 +257,16 @@ class MACLNetwork(nn.Module):
                     out["dense_auxiliary"] = self.pixel_head_auxiliary(fixed)
                 k = n
             if "global" in need:
-                out["global_auxiliary"] = self.global_head_auxiliary(bottleneck[k:])
+                self._project_global(self._aux_global_head(), bottleneck[k:], "auxiliary", need, out)
         return out
+
+    @staticmethod
+    def _project_global(head: InstanceProjector, feats: torch.Tensor, branch: str, need: set,
+                        out: dict[str, torch.Tensor]) -> None:
+        descriptor = head.describe(feats)
+        out[f"global_{branch}"] = head.mlp(descriptor)
+        if "descriptors" in need:
+            out[f"descriptor_{branch}"] = descriptor
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything that is not the nnU-Net network (projectors, auxiliary encoder copy)."""

@@ -2,6 +2,12 @@
 Volumetric Medical Image Segmentation Pre-training", IEEE TMI 2024 / arXiv:2309.11876).
 
 Shapes are documented per head; 2-D and 3-D convolutions are chosen from the network's conv op.
+
+The image-level descriptor (what g_ins pools before its MLP) is a switch, because the paper's global
+average pool carries almost no per-image information on nnU-Net's networks: every stage ends with
+InstanceNorm (+ LeakyReLU), which fixes each channel's spatial mean by the norm's affine parameters,
+not by the image (METHOD.md, "The global descriptor"; the measurement that chose the default is in
+docs/RESULTS.md, "Image-level descriptor").
 """
 from __future__ import annotations
 
@@ -10,19 +16,56 @@ from typing import Type
 import torch
 from torch import nn
 
+GLOBAL_POOLINGS = ("max", "attention", "avg")
 
-class InstanceProjector(nn.Module):
-    """Image-level projector g_ins: global average pool -> Linear(in, hidden) -> ReLU -> Linear(hidden, out).
 
-    (N, C, *spatial) -> (N, out_dim).
+class GlobalDescriptor(nn.Module):
+    """(N, C, *spatial) -> (N, C): one vector per image.
+
+    pooling:
+        "max": per-channel spatial maximum. Where an instance-normalised channel peaks, and how
+            high, depends on the image, unlike its mean.
+        "attention": softmax-weighted mean with weights from a learned 1x1 convolution (attention
+            pooling, Ilse et al., ICML 2018): the weights follow the image content.
+        "avg": global average pool (the paper's g_ins; near image-independent after InstanceNorm).
     """
 
-    def __init__(self, in_channels: int, hidden_dim: int = 128, out_dim: int = 128) -> None:
+    def __init__(self, in_channels: int, pooling: str = "max") -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+        if pooling not in GLOBAL_POOLINGS:
+            raise ValueError(f"pooling must be one of {GLOBAL_POOLINGS}, got {pooling!r}")
+        self.pooling = pooling
+        self.attention = nn.Linear(in_channels, 1) if pooling == "attention" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.flatten(x, 2).mean(dim=2))
+        flat = torch.flatten(x, 2)  # (N, C, L)
+        if self.pooling == "avg":
+            return flat.mean(dim=2)
+        if self.pooling == "max":
+            return flat.amax(dim=2)
+        weights = torch.softmax(self.attention(flat.transpose(1, 2)).squeeze(-1), dim=1)  # (N, L)
+        return torch.einsum("ncl,nl->nc", flat, weights)
+
+    def extra_repr(self) -> str:
+        return f"pooling={self.pooling!r}"
+
+
+class InstanceProjector(nn.Module):
+    """Image-level projector g_ins: descriptor -> Linear(in, hidden) -> ReLU -> Linear(hidden, out).
+
+    (N, C, *spatial) -> (N, out_dim). :meth:`describe` returns the descriptor alone (N, C).
+    """
+
+    def __init__(self, in_channels: int, hidden_dim: int = 128, out_dim: int = 128, pooling: str = "max") -> None:
+        super().__init__()
+        self.descriptor = GlobalDescriptor(in_channels, pooling)
+        self.mlp = nn.Sequential(nn.Linear(in_channels, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+    def describe(self, x: torch.Tensor) -> torch.Tensor:
+        return self.descriptor(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.descriptor(x))
 
 
 class PixelProjector(nn.Module):

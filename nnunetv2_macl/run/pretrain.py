@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--two-stage", action="store_true", help="Lg on the encoder first, then Ld with it frozen")
     g.add_argument("--global-on-encoder", action="store_true",
                    help="dominant image-level projection from the encoder (paper eq. 9) instead of the decoder")
+    g.add_argument("--global-pooling", default=d.global_pooling, choices=["max", "attention", "avg"],
+                   help="image-level descriptor pooled before g_ins (default max; the paper's avg pool carries "
+                        "almost no per-image information after nnU-Net's InstanceNorm, see docs/RESULTS.md)")
     g.add_argument("--intensity-aug", action="store_true",
                    help="add brightness/contrast/gamma/noise jitter to all views (authors' code)")
     g.add_argument("--base-temperature", type=float, default=None,
@@ -242,6 +245,7 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         tau=args.tau, base_temperature=args.base_temperature, decoder_blocks=args.decoder_blocks,
         loss_weights=tuple(args.lambdas), dense_form=args.dense_form, encoder_mode=args.encoder_mode,
         two_stage=args.two_stage, global_through_decoder=not args.global_on_encoder,
+        global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,
         patches_per_case=args.patches_per_case, seed=args.seed, num_workers=args.num_workers,
         save_every=args.save_every, amp=not args.no_amp, compile=args.compile, channels_last=args.channels_last,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 METHODS = ("macl", "pcl", "simclr")
 DENSE_FORMS = ("supcon", "mse", "byol")
 ENCODER_MODES = ("shared", "independent", "ema")
+GLOBAL_POOLINGS = ("max", "attention", "avg")  # nnunetv2_macl.model.projectors.GLOBAL_POOLINGS
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,8 @@ class MACLConfig:
     ema_momentum: float = 0.99
     two_stage: bool = False  # Table IV: encoder with Lg first, then frozen encoder + decoder losses
     global_through_decoder: bool = True
+    global_pooling: str = "max"  # image-level descriptor; "avg" (paper) collapses on InstanceNorm networks
+    shared_global_head: bool = False  # one g_ins for both views (set for PCL / SimCLR)
     intensity_augmentation: bool = False
     rotation_degrees: float = 15.0
     scale_range: tuple[float, float] = (0.7, 1.3)
@@ -58,7 +61,8 @@ class MACLConfig:
 def resolve_method(cfg: MACLConfig) -> MACLConfig:
     """Apply the method switches of METHOD.md ("Baselines and ablations") and validate.
 
-    - pcl: encoder only (N = 0, no down-sampling), Lg only, projector on the encoder;
+    - pcl: encoder only (N = 0, no down-sampling), Lg only, ONE projector on the encoder for both views
+      (as in PCL and SimCLR; MACL keeps its two asymmetric heads);
     - simclr: pcl with positives = the other view of the same slice only.
     """
     cfg = dataclasses.replace(cfg)
@@ -68,6 +72,7 @@ def resolve_method(cfg: MACLConfig) -> MACLConfig:
         cfg.decoder_blocks = 0
         cfg.loss_weights = (1.0, 0.0, 0.0)
         cfg.global_through_decoder = False
+        cfg.shared_global_head = True
         if cfg.method == "simclr":
             cfg.positives = "instance"
     validate(cfg)
@@ -95,6 +100,11 @@ def validate(cfg: MACLConfig) -> None:
         raise ConfigError(f"--dense-form must be one of {DENSE_FORMS}, got {cfg.dense_form!r}")
     if cfg.encoder_mode not in ENCODER_MODES:
         raise ConfigError(f"--encoder must be one of {ENCODER_MODES}, got {cfg.encoder_mode!r}")
+    if cfg.global_pooling not in GLOBAL_POOLINGS:
+        raise ConfigError(f"--global-pooling must be one of {GLOBAL_POOLINGS}, got {cfg.global_pooling!r}")
+    if cfg.shared_global_head and cfg.decoder_blocks > 0 and cfg.global_through_decoder:
+        raise ConfigError("a shared image-level head needs Z^g from the encoder in both branches "
+                          "(--decoder-blocks 0 or --global-on-encoder)")
     if cfg.positives not in ("position", "instance"):
         raise ConfigError(f"positives must be 'position' or 'instance', got {cfg.positives!r}")
     if cfg.save_every < 1:

@@ -29,9 +29,14 @@ from nnunetv2_macl.model.macl_network import (
     MACLNetwork, crop_problems, fitting_crop_size, pretrained_prefixes, required_divisor)
 from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
+from nnunetv2_macl.training.diagnostics import (
+    contrastive_chance, diagnostic_indices, embedding_diagnostics, format_diagnostics, is_collapsed)
 from nnunetv2_macl.training.progress import plot_progress
 
 PRETRAINER_NAME = "MACLPretrainer"
+# per-epoch values in self.logging (and the checkpoint): losses, lr, time, and the collapse diagnostics
+LOGGED_KEYS = ("epoch", "Lg", "Ld", "LER", "total", "lr", "epoch_time", "Lg_chance", "cos_descriptor",
+               "cos_projection", "bottleneck_abs")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -165,7 +170,7 @@ class MACLPretrainer:
         self.is_main = rank == 0
         self.current_epoch = 0
         self.was_initialized = False
-        self.logging: dict[str, list] = {k: [] for k in ("epoch", "Lg", "Ld", "LER", "total", "lr", "epoch_time")}
+        self.logging: dict[str, list] = {k: [] for k in LOGGED_KEYS}
         self.log_file: str | None = None
         self.amp_dtype = None
         if device.type == "cuda" and self.config.amp:
@@ -198,7 +203,9 @@ class MACLPretrainer:
         if cfg.channels_last and self.network.encoder.conv_op is nn.Conv2d:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.macl = MACLNetwork(self.network, cfg.decoder_blocks, global_through_decoder=cfg.global_through_decoder,
-                                encoder_mode=cfg.encoder_mode, ema_momentum=cfg.ema_momentum).to(self.device)
+                                encoder_mode=cfg.encoder_mode, ema_momentum=cfg.ema_momentum,
+                                global_pooling=cfg.global_pooling,
+                                shared_global_head=cfg.shared_global_head).to(self.device)
         self.crop_size = self.determine_crop_size()
         self.loss = MultiLevelContrastiveLoss(cfg.loss_weights, cfg.threshold, cfg.tau, cfg.positives,
                                               cfg.dense_form, cfg.base_temperature)
@@ -219,8 +226,11 @@ class MACLPretrainer:
         if cfg.compile:
             self.train_module = torch.compile(self.macl)
         if self.world_size > 1:
+            # the decoder stages past N and the segmentation layers never get a gradient (nor do the
+            # heads of switched-off losses, or the encoder in the second stage of --two-stage)
             self.train_module = nn.parallel.DistributedDataParallel(
-                self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.train_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         self.was_initialized = True
 
     def build_network(self) -> nn.Module:
@@ -354,9 +364,12 @@ class MACLPretrainer:
                 p.requires_grad_(not freeze)
         self.epoch_start_time = time.time()
 
-    def train_step(self, images: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, positions: torch.Tensor,
+                   content: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         images = images.to(self.device, non_blocking=True)
         positions = positions.to(self.device, non_blocking=True)
+        if content is not None:
+            content = content.to(self.device, non_blocking=True)
         if self.config.channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         need = self.needed_outputs(self.loss.weights)
@@ -373,7 +386,8 @@ class MACLPretrainer:
         outputs = {k: self.gather(v) for k, v in outputs.items()} if self.world_size > 1 else outputs
         if self.world_size > 1 and self.config.global_negatives:
             positions = self.gather(positions)
-        total, components = self.loss(outputs, positions)
+            content = self.gather(content) if content is not None else None
+        total, components = self.loss(outputs, positions, content)
         components = {k: v for k, v in components.items()}
         components["total"] = total.detach()
         self.check_finite(components)
@@ -426,9 +440,21 @@ class MACLPretrainer:
             self.logging[k].append(v)
         self.logging["lr"].append(lr)
         self.logging["epoch_time"].append(epoch_time)
+        chance = self.lg_chance()
+        self.logging["Lg_chance"].append(chance)
         self.print_to_log_file(
             f"Epoch {self.current_epoch + 1}/{self.config.epochs}: total {means['total']:.4f} | Lg {means['Lg']:.4f} "
             f"| Ld {means['Ld']:.4f} | LER {means['LER']:.4f} | lr {lr:.5f} | {epoch_time:.1f} s")
+        diagnostics = self.compute_diagnostics() if self.is_main else None
+        for k in ("cos_descriptor", "cos_projection", "bottleneck_abs"):
+            self.logging[k].append(diagnostics[k] if diagnostics else float("nan"))
+        if diagnostics:
+            self.print_to_log_file(f"  diagnostics on {self.config.batch_size} fixed real samples: "
+                                   + format_diagnostics(diagnostics))
+        if self.loss.weights[0] > 0 and is_collapsed(means["Lg"], chance):
+            self.print_to_log_file(
+                f"  WARNING: image-level loss at chance: the embeddings have collapsed (Lg {means['Lg']:.4f} is "
+                f"within 2 % of log(2B-1) = {chance:.4f}, B = {self.contrast_batch()})")
         self.current_epoch += 1
         if self.is_main:
             plot_progress(self.logging, os.path.join(self.output_folder, "progress.png"))
@@ -440,6 +466,30 @@ class MACLPretrainer:
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
             self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_final.pth"))
             self.print_to_log_file(f"Wrote {os.path.join(self.output_folder, 'checkpoint_final.pth')}")
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def contrast_batch(self) -> int:
+        """Images per contrastive problem: the local batch, or the global one when negatives are gathered."""
+        gathered = self.world_size > 1 and self.config.global_negatives
+        return self.config.batch_size * (self.world_size if gathered else 1)
+
+    def lg_chance(self) -> float:
+        """Lg of fully collapsed embeddings, log(2B - 1): the value a learning Lg must get below."""
+        return contrastive_chance(2 * self.contrast_batch())
+
+    def compute_diagnostics(self) -> dict[str, float] | None:
+        """Collapse measures (:func:`embedding_diagnostics`) on a fixed batch of real samples."""
+        if self.loss.weights[0] == 0:
+            return None
+        if getattr(self, "_diagnostic_batch", None) is None:
+            indices = diagnostic_indices(getattr(self.dataset, "case_index", np.arange(len(self.dataset))),
+                                         self.config.batch_size, seed=self.config.seed)
+            items = [self.dataset[i] for i in indices]
+            self._diagnostic_batch = [torch.stack(parts).to(self.device) for parts in zip(*items)]
+        images, positions, content = self._diagnostic_batch
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            return embedding_diagnostics(self.macl, self.loss, images, positions, content, self.spatial_transform,
+                                         seed=self.config.seed)
 
     # -- loop ---------------------------------------------------------------------------------
     def run_training(self) -> None:
@@ -453,8 +503,8 @@ class MACLPretrainer:
             n = 0
             bar = tqdm(self.dataloader, desc=f"epoch {self.current_epoch + 1}/{self.config.epochs}",
                        disable=not self.is_main, leave=False, file=sys.stderr, mininterval=1.0)
-            for self._iteration, (images, positions) in enumerate(bar):
-                self.train_step(images, positions)
+            for self._iteration, batch in enumerate(bar):
+                self.train_step(*batch)
                 for k in sums:
                     sums[k] += self.last_step_losses[k]
                 n += 1
@@ -588,6 +638,9 @@ class MACLPretrainer:
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise CheckpointError(f"{prefix} its resume state does not fit ({type(e).__name__}: {first[:300]})") \
                 from None
-        self.logging = {k: list(v) for k, v in ckpt.get("logging", {}).items()} or self.logging
+        logged = ckpt.get("logging") or {}
+        n_epochs = len(logged.get("epoch", []))
+        # checkpoints of older versions lack the diagnostic keys: those epochs read as nan
+        self.logging = {k: list(logged.get(k, [float("nan")] * n_epochs)) for k in LOGGED_KEYS}
         self.current_epoch = int(meta["epoch"])
         self.print_to_log_file(f"Resumed from {path} at epoch {self.current_epoch}")

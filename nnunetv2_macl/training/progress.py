@@ -1,11 +1,30 @@
-"""progress.png in the manner of nnU-Net's: the loss components per epoch, lr and epoch time."""
+"""progress.png in the manner of nnU-Net's: the loss components per epoch with the chance value of
+Lg, the collapse diagnostics, lr and epoch time."""
 from __future__ import annotations
 
+import math
 import os
 
 
+def _finite(values: list) -> bool:
+    return any(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def plot_loss_curves(ax, logging: dict[str, list]) -> None:
+    """total, Lg, Ld, LER per epoch, and Lg's chance value log(2B-1) as a dashed line under Lg."""
+    epochs = [e + 1 for e in logging["epoch"]]
+    for key, style in (("total", "k-"), ("Lg", "b-"), ("Ld", "r-"), ("LER", "g-")):
+        ax.plot(epochs, logging[key], style, label=key, linewidth=3 if key == "total" else 2)
+    chance = logging.get("Lg_chance") or []
+    if len(chance) == len(epochs) and _finite(chance):
+        ax.plot(epochs, chance, "b--", linewidth=1.5, label="Lg at chance, log(2B-1)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend(loc="upper right")
+
+
 def plot_progress(logging: dict[str, list], path: str) -> None:
-    """Plot total, Lg, Ld and LER (top), lr (middle) and epoch time (bottom) against the epoch."""
+    """Loss components with Lg's chance line (top), collapse diagnostics, lr and epoch time."""
     import matplotlib
 
     matplotlib.use("agg")
@@ -14,20 +33,25 @@ def plot_progress(logging: dict[str, list], path: str) -> None:
     epochs = [e + 1 for e in logging["epoch"]]
     if not epochs:
         return
-    fig, axes = plt.subplots(3, 1, figsize=(12, 14))
-    ax = axes[0]
-    for key, style in (("total", "k-"), ("Lg", "b-"), ("Ld", "r-"), ("LER", "g-")):
-        ax.plot(epochs, logging[key], style, label=key, linewidth=3 if key == "total" else 2)
+    fig, axes = plt.subplots(4, 1, figsize=(12, 18))
+    plot_loss_curves(axes[0], logging)
+    axes[0].set_title("MACL pretraining loss (L = l1 Lg + l2 Ld + l3 LER)")
+    ax = axes[1]
+    for key, style, label in (("cos_descriptor", "m-", "pooled descriptors"), ("cos_projection", "c-", "projections")):
+        values = logging.get(key) or []
+        if len(values) == len(epochs) and _finite(values):
+            ax.plot(epochs, values, style, linewidth=2, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title("MACL pretraining loss (L = l1 Lg + l2 Ld + l3 LER)")
-    ax.legend(loc="upper right")
-    axes[1].plot(epochs, logging["lr"], "b-", linewidth=2)
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("learning rate (end of epoch)")
-    axes[2].plot(epochs, logging["epoch_time"], "b-", linewidth=2)
+    ax.set_ylabel("mean pairwise cosine\n(1 = collapsed)")
+    ax.set_title("collapse diagnostics on a fixed batch of real samples")
+    if ax.lines:
+        ax.legend(loc="upper right")
+    axes[2].plot(epochs, logging["lr"], "b-", linewidth=2)
     axes[2].set_xlabel("epoch")
-    axes[2].set_ylabel("epoch time [s]")
+    axes[2].set_ylabel("learning rate (end of epoch)")
+    axes[3].plot(epochs, logging["epoch_time"], "b-", linewidth=2)
+    axes[3].set_xlabel("epoch")
+    axes[3].set_ylabel("epoch time [s]")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)
