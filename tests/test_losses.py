@@ -488,3 +488,36 @@ def test_invalid_positions_and_other_arguments():
         MultiLevelContrastiveLoss(weights=(0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="weights"):
         MultiLevelContrastiveLoss(weights=(1.0, 0.5))
+
+
+# ----------------------------------------------------------------------------- padding in Ld
+@pytest.mark.parametrize("form", ["supcon", "mse", "byol"])
+def test_dense_loss_ignores_a_crop_that_is_half_padding(form):
+    """Left half of every crop is zero padding: Ld equals Ld on the right half alone, whatever the
+    padding cells hold."""
+    g = torch.Generator().manual_seed(21)
+    n, c, s = 6, 8, 4
+    dom, aux = torch.randn(n, c, s, s, generator=g), torch.randn(n, c, s, s, generator=g)
+    positions = torch.tensor([0.1, 0.12, 0.4, 0.45, 0.8, 0.85])
+    content = torch.zeros(n, 1, 32, 32)
+    content[..., 16:] = 1  # the crop's right half is image
+    masked = dense_contrastive_loss(dom, aux, positions, form=form, content=content)
+    right_only = dense_contrastive_loss(dom[..., 2:].contiguous(), aux[..., 2:].contiguous(), positions, form=form)
+    assert masked.item() == pytest.approx(right_only.item(), rel=1e-5)
+    garbage = dom.clone()
+    garbage[..., :2] = 100 * torch.randn(n, c, s, 2, generator=g)
+    assert dense_contrastive_loss(garbage, aux, positions, form=form, content=content).item() == \
+        pytest.approx(masked.item(), rel=1e-5)
+    assert dense_contrastive_loss(garbage, aux, positions, form=form).item() != pytest.approx(masked.item(), rel=1e-3)
+
+
+def test_dense_loss_drops_cells_below_half_content_per_sample():
+    """Sample 0 is padding in the first column only; the other samples are all image."""
+    from nnunetv2_macl.losses.dense_contrastive import content_cells
+
+    content = torch.ones(3, 1, 8, 8)
+    content[0, :, :, :3] = 0  # cell column 0 of a 2x2 grid (4 px wide) is 3/4 padding for sample 0
+    cells = content_cells(content, (2, 2))
+    assert cells.tolist() == [[False, True, False, True], [True] * 4, [True] * 4]
+    content[1, :, :, :2] = 0  # exactly half: kept
+    assert content_cells(content, (2, 2))[1].all()

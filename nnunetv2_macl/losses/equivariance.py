@@ -24,6 +24,12 @@ from torch import Tensor, nn
 from .supcon import float32_math
 
 
+def pair_cells(y_auxiliary: Tensor, size: tuple[int, ...]) -> Tensor:
+    """down() of the full-resolution bottleneck: average pooling to ``size`` (the dominant grid), so
+    that each pooled cell covers the image region of the dominant cell it is compared with."""
+    return F.interpolate(y_auxiliary, size=tuple(int(s) for s in size), mode="area")
+
+
 def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
     """LER (paper eq. 13) on scale-free features: L1, averaged over all elements, between the
     per-location L2-normalised channel vectors of Y and down(Y~).
@@ -58,7 +64,7 @@ def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
         y = y_dominant.float()
         y_tilde = y_auxiliary.float()
         if small != large:
-            y_tilde = F.interpolate(y_tilde, size=small, mode="area")
+            y_tilde = pair_cells(y_tilde, small)
         return F.l1_loss(F.normalize(y, dim=1), F.normalize(y_tilde, dim=1))
 
 

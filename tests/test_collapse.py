@@ -1,0 +1,123 @@
+"""The image-level loss must be able to learn on nnU-Net's InstanceNorm networks: the descriptor,
+the shared PCL/SimCLR head, the chance value and the collapse diagnostics (issue: pretraining that
+learns). The real-data proof is in docs/RESULTS.md."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from nnunetv2_macl.losses import masked_supcon_loss, position_positive_mask
+from nnunetv2_macl.model.projectors import GlobalDescriptor
+from nnunetv2_macl.training.diagnostics import (
+    contrastive_chance, diagnostic_indices, is_collapsed, mean_pairwise_cosine)
+
+from test_ablations import one_step
+
+
+def _instance_normalised_maps(n: int = 8, c: int = 16, size: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, size, size, generator=g) * torch.rand(n, 1, 1, 1, generator=g) * 5
+    return nn.functional.leaky_relu(nn.InstanceNorm2d(c)(x), 0.01)
+
+
+def test_average_pool_of_instance_normalised_maps_is_nearly_image_independent_max_pool_is_not():
+    maps = _instance_normalised_maps()
+    spatial_spread = torch.flatten(maps, 2).std(dim=2).mean()
+    avg = GlobalDescriptor(16, "avg")(maps)
+    mx = GlobalDescriptor(16, "max")(maps)
+    assert avg.std(dim=0).mean() < 0.25 * spatial_spread
+    assert mx.std(dim=0).mean() > 0.25 * spatial_spread
+    assert mean_pairwise_cosine(avg) > mean_pairwise_cosine(mx)
+
+
+def test_attention_pooling_is_a_weighted_mean():
+    pool = GlobalDescriptor(3, "attention")
+    constant = torch.full((2, 3, 4, 4), 2.5)
+    torch.testing.assert_close(pool(constant), torch.full((2, 3), 2.5))
+    x = torch.randn(2, 3, 4, 4)
+    out = pool(x)
+    assert bool(((out >= x.flatten(2).amin(2) - 1e-6) & (out <= x.flatten(2).amax(2) + 1e-6)).all())
+    with pytest.raises(ValueError, match="pooling"):
+        GlobalDescriptor(3, "median")
+
+
+def test_chance_value_is_the_loss_of_identical_embeddings():
+    for b in (2, 5, 16):
+        features = torch.ones(2 * b, 8)
+        positions = torch.linspace(0.05, 0.95, b).repeat(2)
+        loss = masked_supcon_loss(features, position_positive_mask(positions, 0.1))
+        assert loss.item() == pytest.approx(contrastive_chance(2 * b), rel=1e-5)
+    assert contrastive_chance(32) == pytest.approx(math.log(31))
+    assert is_collapsed(math.log(31) * 0.985, math.log(31)) and not is_collapsed(math.log(31) * 0.9, math.log(31))
+
+
+def test_mean_pairwise_cosine():
+    assert mean_pairwise_cosine(torch.ones(4, 3)) == pytest.approx(1.0)
+    assert mean_pairwise_cosine(torch.eye(3)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_diagnostic_batch_spreads_over_volumes():
+    case_index = [0] * 10 + [1] * 3 + [2] * 5
+    picked = diagnostic_indices(case_index, 4, seed=1)
+    assert len(set(picked)) == 4
+    assert {case_index[i] for i in picked} == {0, 1, 2}
+    assert picked == diagnostic_indices(case_index, 4, seed=1)
+
+
+@pytest.mark.parametrize("method", ["pcl", "simclr"])
+def test_pcl_and_simclr_share_one_projection_head(tiny_dataset, tmp_path, method):
+    trainer, components, changed = one_step(tiny_dataset, tmp_path, method=method)
+    macl = trainer.macl
+    assert macl.global_head_auxiliary is None
+    assert not any(k.startswith("global_head_auxiliary.") for k in macl.state_dict())
+    images = torch.randn(3, 1, *trainer.crop_size)
+    out = macl(images, images, images, images, need=("global",))
+    torch.testing.assert_close(out["global_dominant"], out["global_auxiliary"])  # same views, same head
+    assert any(k.startswith("global_head_dominant.") for k in changed)
+
+
+def test_macl_keeps_two_heads(tiny_dataset, tmp_path):
+    trainer, _, changed = one_step(tiny_dataset, tmp_path)
+    assert trainer.macl.global_head_auxiliary is not None
+    assert any(k.startswith("global_head_auxiliary.") for k in changed)
+    assert any(k.startswith("global_head_dominant.") for k in changed)
+
+
+def test_epoch_end_logs_chance_diagnostics_and_warns_at_chance(tiny_dataset, tmp_path):
+    trainer, _, _ = one_step(tiny_dataset, tmp_path)
+    trainer.on_train_start()
+    chance = trainer.lg_chance()
+    assert chance == pytest.approx(math.log(2 * trainer.config.batch_size - 1))
+    trainer.on_epoch_start()
+    trainer.on_epoch_end({"Lg": chance, "Ld": 1.0, "LER": 0.1, "total": 2.0}, 1)
+    trainer.on_epoch_start()
+    trainer.on_epoch_end({"Lg": 0.5 * chance, "Ld": 1.0, "LER": 0.1, "total": 2.0}, 1)
+    log = open(trainer.log_file).read()
+    assert log.count("image-level loss at chance: the embeddings have collapsed") == 1
+    assert len(re.findall(r"pooled-descriptor cosine [0-9.]+ \| projection cosine [0-9.]+", log)) == 2
+    logged = trainer.logging
+    assert logged["Lg_chance"] == [pytest.approx(chance)] * 2
+    assert all(-1 <= v <= 1 for v in logged["cos_descriptor"] + logged["cos_projection"])
+    assert all(v > 0 for v in logged["bottleneck_abs"])
+    assert (tmp_path / "out" / "progress.png").is_file()
+
+
+def test_progress_plot_draws_the_chance_line():
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    from nnunetv2_macl.training.progress import plot_loss_curves
+
+    logging = {"epoch": [0, 1], "total": [3, 2], "Lg": [3.4, 3.0], "Ld": [2, 1.5], "LER": [0.1, 0.05],
+               "Lg_chance": [math.log(31)] * 2}
+    fig, ax = plt.subplots()
+    plot_loss_curves(ax, logging)
+    chance_lines = [line for line in ax.lines if "chance" in line.get_label()]
+    assert len(chance_lines) == 1 and list(chance_lines[0].get_ydata()) == [math.log(31)] * 2
+    plt.close(fig)
