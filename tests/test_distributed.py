@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -80,3 +81,54 @@ def test_per_gpu_negatives_differ_from_global_batch():
     for r, res in enumerate(results):
         assert torch.allclose(res["loss"], per_rank[r], atol=1e-5)
     assert not torch.allclose(results[0]["loss"], total, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the real pretrainer
+def _torchrun_pretraining(tiny_dataset, results, extra: list[str]):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    macl_pretrain = shutil.which("macl_pretrain") or str(Path(sys.executable).with_name("macl_pretrain"))
+    env = {**os.environ, "nnUNet_results": str(results), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", macl_pretrain,
+                           "-d", str(tiny_dataset["id"]), "--device", "cpu", "--epochs", "2", "--batch-size", "4",
+                           "--num-workers", "0", *extra], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return Path(results) / tiny_dataset["name"] / "MACLPretrainer__nnUNetPlans__2d"
+
+
+def _check_strict_load(folder):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from nnunetv2_macl.training.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(str(folder / "checkpoint_final.pth"))
+    meta = ckpt["macl"]
+    assert meta["epoch"] == 2
+    net = get_network_from_plans(meta["network_arch_class_name"], meta["network_arch_init_kwargs"],
+                                 meta["network_arch_init_kwargs_req_import"], meta["input_channels"],
+                                 meta["num_segmentation_heads"], deep_supervision=True)
+    net.load_state_dict(ckpt["network_weights"], strict=True)
+    return ckpt
+
+
+def test_torchrun_two_processes_gathered_and_per_gpu_negatives(tiny_dataset, tmp_path):
+    """The real macl_pretrain under torchrun (gloo, 2 processes, batch 4 each): two epochs run (DDP
+    with parameters that get no gradient), the loss sees 2 x 2 x 4 samples when negatives are gathered
+    and 2 x 4 with --per-gpu-negatives, and the checkpoint loads strictly."""
+    import math
+
+    gathered = _torchrun_pretraining(tiny_dataset, tmp_path / "gathered", [])
+    log = next(gathered.glob("training_log_*.txt")).read_text()
+    assert "Epoch 2/2" in log and log.count("Lg contrasts 16 samples per step") == 2
+    ckpt = _check_strict_load(gathered)
+    assert ckpt["logging"]["Lg_chance"] == [pytest.approx(math.log(15))] * 2
+
+    local = _torchrun_pretraining(tiny_dataset, tmp_path / "local", ["--per-gpu-negatives"])
+    log = next(local.glob("training_log_*.txt")).read_text()
+    assert "Epoch 2/2" in log and log.count("Lg contrasts 8 samples per step") == 2
+    ckpt = _check_strict_load(local)
+    assert ckpt["logging"]["Lg_chance"] == [pytest.approx(math.log(7))] * 2

@@ -387,6 +387,7 @@ class MACLPretrainer:
         if self.world_size > 1 and self.config.global_negatives:
             positions = self.gather(positions)
             content = self.gather(content) if content is not None else None
+        self.contrast_samples = 2 * int(positions.shape[0])  # what Lg's SupCon actually contrasts
         total, components = self.loss(outputs, positions, content)
         components = {k: v for k, v in components.items()}
         components["total"] = total.detach()
@@ -445,6 +446,10 @@ class MACLPretrainer:
         self.print_to_log_file(
             f"Epoch {self.current_epoch + 1}/{self.config.epochs}: total {means['total']:.4f} | Lg {means['Lg']:.4f} "
             f"| Ld {means['Ld']:.4f} | LER {means['LER']:.4f} | lr {lr:.5f} | {epoch_time:.1f} s")
+        if self.loss.weights[0] > 0:
+            self.print_to_log_file(f"  Lg contrasts {getattr(self, 'contrast_samples', 2 * self.contrast_batch())} "
+                                   f"samples per step; chance log(2B-1) = {chance:.4f}, Lg / chance = "
+                                   f"{means['Lg'] / chance:.3f}")
         diagnostics = self.compute_diagnostics() if self.is_main else None
         for k in ("cos_descriptor", "cos_projection", "bottleneck_abs"):
             self.logging[k].append(diagnostics[k] if diagnostics else float("nan"))
@@ -474,8 +479,9 @@ class MACLPretrainer:
         return self.config.batch_size * (self.world_size if gathered else 1)
 
     def lg_chance(self) -> float:
-        """Lg of fully collapsed embeddings, log(2B - 1): the value a learning Lg must get below."""
-        return contrastive_chance(2 * self.contrast_batch())
+        """Lg of fully collapsed embeddings, log(2B - 1): the value a learning Lg must get below. 2B is
+        the number of samples the loss saw in the last step (both views, gathered over processes)."""
+        return contrastive_chance(getattr(self, "contrast_samples", None) or 2 * self.contrast_batch())
 
     def compute_diagnostics(self) -> dict[str, float] | None:
         """Collapse measures (:func:`embedding_diagnostics`) on a fixed batch of real samples."""
