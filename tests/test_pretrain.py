@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,16 @@ def test_two_epoch_pretraining_without_labels(tiny_dataset, nnunet_env):
     enc_key = "encoder.stages.0.0.convs.0.conv.weight"
     assert not torch.equal(ckpt["network_weights"][enc_key], fresh[enc_key])
     assert "Epoch 1/2" in proc.stdout and "checkpoint_final.pth" in proc.stdout
+    assert logs[0].read_text().count("diagnostics on 8 fixed real samples: pooled-descriptor cosine") == 2
+    assert len(log["Lg_chance"]) == 2 and len(log["cos_projection"]) == 2
+
+    # the collapse diagnostic a user runs on a checkpoint (and on the untrained network with --init)
+    for extra in ([], ["--init"]):
+        diag = subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.diagnose", str(out / "checkpoint_final.pth"),
+                               *extra], capture_output=True, text=True, timeout=600)
+        assert diag.returncode == 0, diag.stderr[-3000:]
+        assert re.search(r"pooled-descriptor cosine [0-9.]+ \| projection cosine [0-9.]+ \| Lg [0-9.]+ vs chance "
+                         r"log\(2B-1\) = 2.7081", diag.stdout), diag.stdout  # B = 8: log(15)
 
 
 @pytest.mark.parametrize("method", ["pcl", "simclr"])
