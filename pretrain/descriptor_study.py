@@ -45,7 +45,7 @@ def _fixed_batch(dataset, n: int, seed: int = 0):
     cases = rng.choice(int(dataset.case_index.max()) + 1, size=n, replace=False)
     idx = [int(rng.choice(np.flatnonzero(dataset.case_index == c))) for c in cases]
     items = [dataset[i] for i in idx]
-    return torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items])
+    return [torch.stack(parts) for parts in zip(*items)]
 
 
 def _spread(desc: torch.Tensor, fmap: torch.Tensor) -> tuple[float, float]:
@@ -97,7 +97,8 @@ def short_run(trainer, steps: int) -> dict:
     tail = losses[-max(1, steps // 5):]
     chance = math.log(2 * trainer.config.batch_size - 1)
     out = {k: float(np.mean([l[k] for l in tail])) for k in ("Lg", "Ld", "LER")}
-    out.update(first_Lg=losses[0]["Lg"], chance=chance, ratio=out["Lg"] / chance, seconds=time.time() - t0)
+    out.update(first_Lg=losses[0]["Lg"], chance=chance, ratio=out["Lg"] / chance, seconds=time.time() - t0,
+               diagnostics=trainer.compute_diagnostics())
     return out
 
 
@@ -107,15 +108,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--methods", default="pcl,macl")
+    p.add_argument("--skip-init", action="store_true", help="only the short pretrainings")
     p.add_argument("--poolings", default="avg,max,attention")
     p.add_argument("-o", default="/tmp/descriptor_study")
     a = p.parse_args()
     torch.set_num_threads(2)
-    t = _pretrainer(a.d, "macl", "max", a.batch_size, os.path.join(a.o, "init"))
-    images, _ = _fixed_batch(t.dataset, 32)
-    print("At initialisation, 32 slices of 32 volumes: mean pairwise cosine | across-image / within-map spread")
-    for k, (cos, ratio) in at_initialisation(t, images).items():
-        print(f"  {k:55s} {cos:.4f} | {ratio:.3f}", flush=True)
+    if not a.skip_init:
+        t = _pretrainer(a.d, "macl", "max", a.batch_size, os.path.join(a.o, "init"))
+        images = _fixed_batch(t.dataset, 32)[0]
+        print("At initialisation, 32 slices of 32 volumes: mean pairwise cosine | across-image / within-map spread")
+        for k, (cos, ratio) in at_initialisation(t, images).items():
+            print(f"  {k:55s} {cos:.4f} | {ratio:.3f}", flush=True)
     print(f"Short pretraining: {a.steps} steps of batch {a.batch_size}, lr 0.1; Lg = mean of the last "
           f"{max(1, a.steps // 5)} steps")
     for method in a.methods.split(","):
@@ -123,7 +126,8 @@ def main() -> None:
             t = _pretrainer(a.d, method, pooling, a.batch_size, os.path.join(a.o, f"{method}_{pooling}"))
             r = short_run(t, a.steps)
             print(f"  {method:6s} {pooling:9s} Lg {r['first_Lg']:.3f} -> {r['Lg']:.3f} (chance {r['chance']:.3f}, "
-                  f"{r['ratio']:.3f} x) | Ld {r['Ld']:.3f} | LER {r['LER']:.4f} | {r['seconds']:.0f} s", flush=True)
+                  f"{r['ratio']:.3f} x) | Ld {r['Ld']:.3f} | LER {r['LER']:.4f} | {r['seconds']:.0f} s | projection "
+                  f"cosine {r['diagnostics']['cos_projection']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

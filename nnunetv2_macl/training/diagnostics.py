@@ -71,7 +71,12 @@ def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Ten
     generator = torch.Generator().manual_seed(seed)
     v1 = spatial_transform(images, generator=generator)
     v2 = spatial_transform(images, generator=generator)
-    out = macl(images, v1, images, v2, need=("global", "descriptors", "equivariance"))
+    was_training = macl.training
+    macl.eval()  # the heads' BatchNorm uses its running statistics and is not updated by this batch
+    try:
+        out = macl(images, v1, images, v2, need=("global", "descriptors", "equivariance"))
+    finally:
+        macl.train(was_training)
     lg = loss.global_loss(out["global_dominant"], out["global_auxiliary"], positions)
     return {
         "cos_descriptor": mean_pairwise_cosine(out["descriptor_auxiliary"]),
