@@ -122,14 +122,19 @@ def draw_segmentation_panels(fig, area, rows: Sequence[Mapping], method_names: S
     return axes
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    """Write atomically (a reader never sees half a PNG)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+def _save(fig, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Add the title, write atomically (a reader never sees half a PNG) and close the figure."""
+    try:
+        if title:
+            fig.suptitle(title, fontsize=10)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, bbox_inches="tight")
+        os.replace(tmp, path)
+        return path
+    finally:
+        _pyplot().close(fig)
 
 
 def plot_segmentation_panels(rows: Sequence[Mapping], method_names: Sequence[str], path: str | os.PathLike,
@@ -139,16 +144,12 @@ def plot_segmentation_panels(rows: Sequence[Mapping], method_names: Sequence[str
     ``rows``: see the module doc; ``method_names``: the prediction columns, in this order (any number);
     ``label_names``: ``{label: name}`` for the legend; ``scores`` in a row are shown in brackets as %.
     Writes ``path`` (PNG) and returns it."""
+    _check_rows(rows, method_names)  # before a figure exists
     plt = _pyplot()
     ncol = 2 + len(method_names)
     fig = plt.figure(figsize=(1.9 * ncol + 1.2, 2.0 * len(rows) + (0.4 if title else 0.1)), dpi=110)
     draw_segmentation_panels(fig, fig.add_gridspec(1, 1)[0], rows, method_names, label_names)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path, title)
 
 
 def plot_pretraining_losses(ax, logging: Mapping[str, Sequence[float]],
@@ -189,6 +190,7 @@ def plot_losses_and_panels(logging: Mapping[str, Sequence[float]], chance: float
                            title: str | None = None, losses_title: str = "MACL pretraining",
                            label_names: Mapping[int, str] | None = None) -> Path:
     """The pretraining losses (top) above the segmentation panels (below); writes ``path``."""
+    _check_rows(rows, method_names)  # before a figure exists
     plt = _pyplot()
     ncol = 2 + len(method_names)
     width = 1.9 * ncol + 1.2
@@ -200,12 +202,7 @@ def plot_losses_and_panels(logging: Mapping[str, Sequence[float]], chance: float
     plot_pretraining_losses(ax, logging, chance)
     ax.set_title(losses_title, fontsize=9)
     draw_segmentation_panels(fig, outer[1], rows, method_names, label_names)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return _save(fig, path, title)
 
 
 def slice_row(image_file: str | os.PathLike, reference_file: str | os.PathLike,

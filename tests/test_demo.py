@@ -77,8 +77,8 @@ def test_demo_end_to_end(tiny_demo):
     assert len(result["validation_cases"]) == 1
 
     # the MACL run really loaded the pretrained weights; the scratch run did not; same schedule for both
-    macl_log = Path(paths["macl_log"]).read_text()
-    scratch_log = Path(paths["scratch_log"]).read_text()
+    macl_log = Path(paths["macl_log"]).read_text(encoding="utf-8")
+    scratch_log = Path(paths["scratch_log"]).read_text(encoding="utf-8")
     assert "Using trainer 'nnUNetTrainerMACL_demo'" in macl_log
     assert f"MACL weight transfer from {paths['pretrained_checkpoint']}" in macl_log
     assert "Using trainer 'nnUNetTrainerScratch_demo'" in scratch_log
@@ -107,7 +107,7 @@ def test_quiet_console_logs_and_figure(tiny_demo):
     assert sorted(p.name for p in logs.iterdir()) == sorted([
         "nnUNetv2_plan_and_preprocess.log", "macl_pretrain.log", "nnUNetv2_train_nnUNetTrainerMACL_demo.log",
         "nnUNetv2_train_nnUNetTrainerScratch_demo.log"])
-    assert "Epoch 0" in Path(paths["macl_log"]).read_text()
+    assert "Epoch 0" in Path(paths["macl_log"]).read_text(encoding="utf-8")
     assert str(logs) in console
     # the figure: written, its path printed, large enough to hold the loss panel and one row of four slices
     figure = Path(paths["figure"])
@@ -176,7 +176,7 @@ def test_failing_or_hanging_step_stops_the_demo(tmp_path, capsys):
     assert str(log) in message
     # the last 30 lines of the output, not more
     assert "line 49" in message and "line 20" in message and "line 19" not in message
-    assert "line 0" in log.read_text()
+    assert "line 0" in log.read_text(encoding="utf-8")
     out = capsys.readouterr().out
     assert "[x/6] failing stage" in out and "FAILED after" in out, out
     with pytest.raises(DemoError, match="ran longer than 1 s"):

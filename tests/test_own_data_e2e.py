@@ -126,7 +126,7 @@ def test_own_data_to_segmentations(own_data_run):
     assert labeled_plans["configurations"]["2d"]["patch_size"] == pool_plans["configurations"]["2d"]["patch_size"]
 
     # fine-tuning started from the pretrained weights (the transfer report) and finished its validation
-    log = (r["logs"] / "7_nnUNetv2_train.log").read_text()
+    log = (r["logs"] / "7_nnUNetv2_train.log").read_text(encoding="utf-8")
     assert f"MACL weight transfer from {r['checkpoint']}" in log, log[-3000:]
     fold = (Path(r["paths"]["nnUNet_results"]) / f"Dataset{LABELED_ID}_{LABELED_NAME}"
             / f"{TRAINER}__nnUNetPlans__2d" / "fold_0")
@@ -145,7 +145,7 @@ def test_own_data_to_segmentations(own_data_run):
 
 def test_readme_shows_these_commands():
     """The README's "Your own data" section runs the same tools in the same order."""
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     m = re.search(r"^## Your own data\n(.*?)(?=^## )", text, flags=re.S | re.M)
     assert m, "README has no '## Your own data' section"
     section = m.group(1)

@@ -42,8 +42,8 @@ from typing import Sequence
 import numpy as np
 
 from nnunetv2_macl.run.subprocess_steps import (
-    StageLine, StepError, find_executable, macl_pretrain_progress, nnunet_train_progress, read_summary, run_quiet,
-    subprocess_env, temporary_environ)
+    LABEL_WIDTH, StageLine, StepError, find_executable, macl_pretrain_progress, nnunet_train_progress, read_summary,
+    run_quiet, subprocess_env, temporary_environ)
 
 DemoError = StepError  # the demo's name for a failed step
 
@@ -275,7 +275,7 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
         there; once a step runs, all later ones run too (the marker then lists only what is valid)."""
         if earlier and earlier[0] == step and output.exists():
             earlier.pop(0)
-            _say(f"{label.ljust(58)} reused from the earlier run")
+            _say(f"{label.ljust(LABEL_WIDTH)} reused from the earlier run")
             return True
         if earlier:
             earlier.clear()

@@ -66,6 +66,7 @@ def find_executable(name: str) -> str:
 
 
 TAIL_LINES = 30  # shown with the error when a step fails
+LABEL_WIDTH = 56  # stage labels are padded to this, so that the status column lines up
 
 
 def _run_logged(cmd: list[str], env: dict, log_file: Path, timeout: float | None, on_line) -> tuple[float, list[str]]:
@@ -176,7 +177,7 @@ class StageLine:
     """One console line per stage: "<label> ... <progress> <elapsed>" redrawn in place on a terminal,
     then "<label> ... done in 55 s (<note>)". Not on a terminal (a log, CI), only the finished line."""
 
-    def __init__(self, label: str, stream=None, width: int = 58) -> None:
+    def __init__(self, label: str, stream=None, width: int = LABEL_WIDTH) -> None:
         self.label = label.ljust(width)
         self.stream = stream if stream is not None else sys.stdout
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -200,7 +201,8 @@ class StageLine:
 
     def _draw(self) -> None:
         with self._lock:
-            text = f"{self.label} {self.progress:<24} {time.perf_counter() - self.t0:5.0f} s"
+            text = f"{self.label} {self.progress:<16} {time.perf_counter() - self.t0:5.0f} s"
+            text = text[:shutil.get_terminal_size().columns - 1]  # a wrapped line cannot be redrawn with \r
             self.stream.write("\r" + text.ljust(self._drawn))
             self.stream.flush()
             self._drawn = len(text)
