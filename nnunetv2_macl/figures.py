@@ -88,7 +88,8 @@ def draw_segmentation_panels(fig, area, rows: Sequence[Mapping], method_names: S
     (rows x (2 + methods)). The image is shown between its 1st and 99th percentile."""
     _check_rows(rows, method_names)
     ncol = 2 + len(method_names)
-    grid = area.subgridspec(len(rows), ncol, wspace=0.04, hspace=0.12)
+    titled_rows = any(row.get("scores") for row in rows)  # every row then has titles (the scores)
+    grid = area.subgridspec(len(rows), ncol, wspace=0.04, hspace=0.3 if titled_rows else 0.08)
     axes = np.empty((len(rows), ncol), dtype=object)
     labels_seen: set[int] = set()
     for r, row in enumerate(rows):
@@ -175,8 +176,9 @@ def plot_pretraining_losses(ax, logging: Mapping[str, Sequence[float]],
             raise ValueError(f"chance has {len(levels)} values for {len(epochs)} epochs")
         xs = epochs if len(epochs) > 1 else [epochs[0] - 0.5, epochs[0] + 0.5]
         ys = levels if len(epochs) > 1 else levels * 2
-        ax.plot(xs, ys, color=LOSS_STYLES["Lg"][0], linestyle="--", linewidth=1.2,
-                label=f"Lg chance, log(2B-1) = {levels[-1]:.2f}")
+        # on top and in grey: a stuck Lg lies exactly on it
+        ax.plot(xs, ys, color="0.35", linestyle=(0, (4, 3)), linewidth=1.4, zorder=5,
+                label=f"Lg at chance, log(2B-1) = {levels[-1]:.2f}")
     ax.set_xlabel("pretraining epoch")
     ax.set_ylabel("loss")
     if len(epochs) <= 20:
@@ -196,7 +198,7 @@ def plot_losses_and_panels(logging: Mapping[str, Sequence[float]], chance: float
     width = 1.9 * ncol + 1.2
     loss_height = 2.6
     fig = plt.figure(figsize=(width, loss_height + 2.0 * len(rows) + 0.6), dpi=110)
-    outer = fig.add_gridspec(2, 1, height_ratios=[loss_height, 2.0 * len(rows)], hspace=0.4)
+    outer = fig.add_gridspec(2, 1, height_ratios=[loss_height, 2.0 * len(rows)], hspace=0.2)
     top = outer[0].subgridspec(1, 3, width_ratios=[0.08, 0.62, 0.30])
     ax = fig.add_subplot(top[0, 1])
     plot_pretraining_losses(ax, logging, chance)

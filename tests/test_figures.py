@@ -89,13 +89,13 @@ def test_pretraining_losses_with_chance_line():
     plot_pretraining_losses(ax, logging, lg_chance(16))
     lines = {ln.get_label(): ln for ln in ax.get_lines()}
     assert {"total", "Lg", "Ld", "LER"} <= set(lines)
-    chance = [ln for name, ln in lines.items() if name.startswith("Lg chance")]
+    chance = [ln for name, ln in lines.items() if name.startswith("Lg at chance")]
     assert len(chance) == 1 and np.allclose(chance[0].get_ydata(), math.log(31))
     np.testing.assert_allclose(lines["Lg"].get_xdata(), [1, 2, 3])
     # a per-epoch chance (the pretrainer's "Lg_chance") and a one-epoch log
     fig2, ax2 = plt.subplots()
     plot_pretraining_losses(ax2, {"epoch": [0], "Lg": [3.4]}, [3.43])
-    assert [ln.get_label() for ln in ax2.get_lines()][-1].startswith("Lg chance")
+    assert [ln.get_label() for ln in ax2.get_lines()][-1].startswith("Lg at chance")
     with pytest.raises(ValueError, match="values for 3 epochs"):
         plot_pretraining_losses(ax, logging, [1.0, 2.0])
     with pytest.raises(ValueError, match="no epochs"):

@@ -23,7 +23,7 @@ The subprocesses get ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it: on CPU,
 every small operation becomes a scheduling round when other processes share the cores: measured on
 2 busy cores, the sliding-window prediction of one 16x32x32 case took 21-24 s with spinning threads
 and 0.9-1.5 s with passive ones (1.2 s with a single thread).
-Defaults (:data:`DEFAULTS`): 20 cases of 24 x 48 x 48, 5 pretraining epochs (batch 16), 8 fine-tuning
+Defaults (:data:`DEFAULTS`): 20 cases of 24 x 48 x 48, 3 pretraining epochs (batch 16), 8 fine-tuning
 epochs x 10 iterations (batch 24 as planned) + 3 validation iterations, for both trainings.
 
 Python API: :func:`run_demo` (returns a dict with both Dice values and the paths).
@@ -64,12 +64,13 @@ DEMO_VAL_ITERS_ENV = "MACL_DEMO_VAL_ITERS"
 
 # Defaults of `make demo` (see the module doc for the measured times). 48 x 48 slices: nnU-Net plans a
 # 4-stage 2d U-Net (patch 48 x 48, batch 24) and MACL pretrains on 64 x 64 crops (the smallest that fit
-# its divisibility rule); 64 x 64 slices give a 5-stage U-Net and larger pretraining crops. 5 pretraining
-# epochs (~11 s each on 2 idle cores): enough points for a loss curve in demo.png.
+# its divisibility rule); 64 x 64 slices give a 5-stage U-Net and larger pretraining crops. 3 pretraining
+# epochs (~11 s each on 2 idle cores, ~45 s at a load average of 10) give demo.png a loss curve and keep
+# `make demo` under 8 minutes at that load.
 STAGES = 6
 FIGURE = "demo.png"
 FIGURE_ROWS = 3
-DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=5, pretrain_batch_size=16,
+DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=3, pretrain_batch_size=16,
                 finetune_epochs=8, train_iters=10, val_iters=3)
 
 
