@@ -149,7 +149,8 @@ def plot_segmentation_panels(rows: Sequence[Mapping], method_names: Sequence[str
     plt = _pyplot()
     ncol = 2 + len(method_names)
     fig = plt.figure(figsize=(1.9 * ncol + 1.2, 2.0 * len(rows) + (0.4 if title else 0.1)), dpi=110)
-    draw_segmentation_panels(fig, fig.add_gridspec(1, 1)[0], rows, method_names, label_names)
+    draw_segmentation_panels(fig, fig.add_gridspec(1, 1, top=0.93 if title else 0.98)[0], rows, method_names,
+                             label_names)
     return _save(fig, path, title)
 
 
@@ -198,7 +199,7 @@ def plot_losses_and_panels(logging: Mapping[str, Sequence[float]], chance: float
     width = 1.9 * ncol + 1.2
     loss_height = 2.6
     fig = plt.figure(figsize=(width, loss_height + 2.0 * len(rows) + 0.6), dpi=110)
-    outer = fig.add_gridspec(2, 1, height_ratios=[loss_height, 2.0 * len(rows)], hspace=0.2)
+    outer = fig.add_gridspec(2, 1, height_ratios=[loss_height, 2.0 * len(rows)], hspace=0.2, top=0.92)
     top = outer[0].subgridspec(1, 3, width_ratios=[0.08, 0.62, 0.30])
     ax = fig.add_subplot(top[0, 1])
     plot_pretraining_losses(ax, logging, chance)

@@ -24,7 +24,11 @@ every small operation becomes a scheduling round when other processes share the 
 2 busy cores, the sliding-window prediction of one 16x32x32 case took 21-24 s with spinning threads
 and 0.9-1.5 s with passive ones (1.2 s with a single thread).
 Defaults (:data:`DEFAULTS`): 20 cases of 24 x 48 x 48, 3 pretraining epochs (batch 16), 8 fine-tuning
-epochs x 10 iterations (batch 24 as planned) + 3 validation iterations, for both trainings.
+epochs x 10 iterations (batch 24 as planned) + 3 validation iterations, for both trainings. Measured
+with ``time make demo`` from a fresh clone (existing venv) on 2 CPU cores shared with other jobs (load
+average 7-12): 7 min 28 s wall (3 min 48 s user + 24 s sys CPU); stages: planning/preprocessing 33 s,
+pretraining 146 s (~45 s per epoch), nnUNetv2_train 149 s and 114 s (each ~40 s start-up, ~65 s for the
+8 epochs, ~20 s final validation), figure 2 s. On idle cores one pretraining epoch takes ~11 s.
 
 Python API: :func:`run_demo` (returns a dict with both Dice values and the paths).
 """

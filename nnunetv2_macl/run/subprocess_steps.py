@@ -251,7 +251,7 @@ def read_summary(summary_file: str | os.PathLike, labels: dict[str, int] | None 
         fg = float(summary["foreground_mean"]["Dice"])
         names = {str(v): k for k, v in (labels or {}).items()}
         per_class = {names.get(str(k), str(k)): float(v["Dice"]) for k, v in summary["mean"].items()}
-        per_case = {Path(c["reference_file"]).name: _mean_dice(c["metrics"])
+        per_case = {Path(c["reference_file"]).name: _mean_dice(c.get("metrics", {}))
                     for c in summary.get("metric_per_case", [])}
         cases = sorted(per_case)
     except (KeyError, TypeError, ValueError) as e:
