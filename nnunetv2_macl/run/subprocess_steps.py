@@ -201,7 +201,7 @@ class StageLine:
 
     def _draw(self) -> None:
         with self._lock:
-            text = f"{self.label} {self.progress:<16} {time.perf_counter() - self.t0:5.0f} s"
+            text = f"{self.label} {self.progress:<14} {time.perf_counter() - self.t0:4.0f} s"  # 78 columns
             text = text[:shutil.get_terminal_size().columns - 1]  # a wrapped line cannot be redrawn with \r
             self.stream.write("\r" + text.ljust(self._drawn))
             self.stream.flush()
