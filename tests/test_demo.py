@@ -7,6 +7,8 @@ restores this process's environment when it returns; that is checked too.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
@@ -29,12 +31,15 @@ def tiny_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("macl_demo") / "work"
     before = {k: os.environ.get(k) for k in ENV_NAMES}
     t0 = time.perf_counter()
-    result = run_demo(workdir, device="cpu", step_timeout=900, **TINY)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        result = run_demo(workdir, device="cpu", step_timeout=900, **TINY)
     seconds = time.perf_counter() - t0
     after = {k: os.environ.get(k) for k in ENV_NAMES}
     print(f"tiny demo: {seconds:.0f} s; Dice MACL {result['dice_macl']:.4f}, scratch {result['dice_scratch']:.4f}; "
           f"steps {json.dumps({k: round(v) for k, v in result['timings'].items()})}")
-    return {"workdir": workdir.resolve(), "result": result, "env_before": before, "env_after": after}
+    return {"workdir": workdir.resolve(), "result": result, "env_before": before, "env_after": after,
+            "console": console.getvalue()}
 
 
 def test_demo_end_to_end(tiny_demo):
@@ -72,8 +77,8 @@ def test_demo_end_to_end(tiny_demo):
     assert len(result["validation_cases"]) == 1
 
     # the MACL run really loaded the pretrained weights; the scratch run did not; same schedule for both
-    macl_log = Path(paths["macl_log"]).read_text()
-    scratch_log = Path(paths["scratch_log"]).read_text()
+    macl_log = Path(paths["macl_log"]).read_text(encoding="utf-8")
+    scratch_log = Path(paths["scratch_log"]).read_text(encoding="utf-8")
     assert "Using trainer 'nnUNetTrainerMACL_demo'" in macl_log
     assert f"MACL weight transfer from {paths['pretrained_checkpoint']}" in macl_log
     assert "Using trainer 'nnUNetTrainerScratch_demo'" in scratch_log
@@ -89,6 +94,42 @@ def test_demo_end_to_end(tiny_demo):
     assert tiny_demo["env_after"] == tiny_demo["env_before"]
 
 
+def test_quiet_console_logs_and_figure(tiny_demo):
+    """One console line per stage and the closing table; each tool's output in its log; demo.png."""
+    console, paths = tiny_demo["console"], tiny_demo["result"]["paths"]
+    lines = console.splitlines()
+    for stage in range(1, pipeline.STAGES + 1):
+        hits = [ln for ln in lines if ln.startswith(f"[{stage}/{pipeline.STAGES}] ")]
+        assert len(hits) == 1 and " done in " in hits[0], (stage, console)
+    assert len(lines) < 40, console  # no tool output on the console
+    assert "Epoch" not in console and "nnUNetPlans_2d" not in console  # nnU-Net's own chatter is in the logs
+    logs = Path(paths["logs"])
+    assert sorted(p.name for p in logs.iterdir()) == sorted([
+        "nnUNetv2_plan_and_preprocess.log", "macl_pretrain.log", "nnUNetv2_train_nnUNetTrainerMACL_demo.log",
+        "nnUNetv2_train_nnUNetTrainerScratch_demo.log"])
+    assert "Epoch 0" in Path(paths["macl_log"]).read_text(encoding="utf-8")
+    assert str(logs) in console
+    # the figure: written, its path printed, large enough to hold the loss panel and one row of four slices
+    figure = Path(paths["figure"])
+    assert figure == tiny_demo["workdir"] / "demo.png" and str(figure) in console
+    import matplotlib.image as mpimg
+
+    height, width = mpimg.imread(str(figure)).shape[:2]
+    assert height > 400 and width > 500
+
+
+def test_lg_chance_from_the_pretraining_run(tiny_demo):
+    """Without the pretrainer's per-epoch "Lg_chance", the chance level comes from macl_config.json."""
+    import math
+
+    logging, chance = pipeline.pretraining_log(Path(tiny_demo["result"]["paths"]["pretrain_folder"]))
+    assert len(logging["epoch"]) == TINY["pretrain_epochs"] and len(logging["Lg"]) == TINY["pretrain_epochs"]
+    if "Lg_chance" in logging:
+        assert chance == [float(c) for c in logging["Lg_chance"]]
+    else:
+        assert chance == pytest.approx(math.log(2 * TINY["pretrain_batch_size"] - 1))
+
+
 def test_keep_reuses_the_finished_run(tiny_demo, capsys):
     t0 = time.perf_counter()
     again = run_demo(tiny_demo["workdir"], device="cpu", keep=True, **TINY)
@@ -96,7 +137,8 @@ def test_keep_reuses_the_finished_run(tiny_demo, capsys):
     first = tiny_demo["result"]
     assert (again["dice_macl"], again["dice_scratch"]) == (first["dice_macl"], first["dice_scratch"])
     out = capsys.readouterr().out
-    assert out.count("from the earlier run") == 5, out[-3000:]
+    assert out.count("reused from the earlier run") == 5, out[-3000:]
+    assert Path(again["paths"]["figure"]).is_file()
 
     # other settings cannot reuse it (and nothing is deleted)
     with pytest.raises(DemoError, match="other settings"):
@@ -123,14 +165,54 @@ def test_refuses_foreign_workdir_and_bad_settings(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
-def test_failing_or_hanging_step_stops_the_demo(tmp_path):
+def test_failing_or_hanging_step_stops_the_demo(tmp_path, capsys):
     import sys
 
     log = tmp_path / "step.log"
+    script = "for i in range(50): print('line', i)\nraise SystemExit(3)"
     with pytest.raises(DemoError, match="failed with exit status 3") as e:
-        pipeline.stream_command([sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], dict(os.environ),
-                         "[x]", log, timeout=60)
-    assert "about to fail" in str(e.value) and "about to fail" in log.read_text()
+        pipeline.run_quiet([sys.executable, "-c", script], dict(os.environ), "[x/6] failing stage", log, timeout=60)
+    message = str(e.value)
+    assert str(log) in message
+    # the last 30 lines of the output, not more
+    assert "line 49" in message and "line 20" in message and "line 19" not in message
+    assert "line 0" in log.read_text(encoding="utf-8")
+    out = capsys.readouterr().out
+    assert "[x/6] failing stage" in out and "FAILED after" in out, out
     with pytest.raises(DemoError, match="ran longer than 1 s"):
-        pipeline.stream_command([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), "[x]", log,
-                         timeout=1)
+        pipeline.run_quiet([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), "[x]", log,
+                           timeout=1)
+
+
+def test_stage_progress_parsers():
+    from nnunetv2_macl.run.subprocess_steps import macl_pretrain_progress, nnunet_train_progress
+
+    train = nnunet_train_progress(8, 4)
+    assert train("2026-11-28 02:58:58.903375: Epoch 0") == "epoch 1/8"
+    assert train("2026-11-28 02:58:58.903535: Current learning rate: 0.01") is None
+    assert train("2026-11-28 02:58:42.474178: predicting synth_013") == "validation 1/4"
+    assert train("2026-11-28 02:58:44.474178: predicting synth_016") == "validation 2/4"
+    assert macl_pretrain_progress("epoch 2/5:  40%|####      | 12/30 [00:04<00:06, loss=4.1]") == "epoch 2/5 40%"
+    assert macl_pretrain_progress("2026-11-28 03:00:00.000000: Epoch 2/5: total 4.1 | Lg 3.2") == "epoch 2/5 done"
+
+
+def test_stage_line_on_a_terminal_and_in_a_log():
+    from nnunetv2_macl.run.subprocess_steps import StageLine
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    log = io.StringIO()
+    with StageLine("[1/2] stage", stream=log) as stage:
+        stage.update("epoch 1/2")
+    assert log.getvalue().count("\n") == 1 and "[1/2] stage" in log.getvalue() and "done in" in log.getvalue()
+    assert "\r" not in log.getvalue()
+    tty = Tty()
+    with pytest.raises(KeyError):
+        with StageLine("[2/2] stage", stream=tty) as stage:
+            stage.update("epoch 2/2")
+            raise KeyError("boom")
+    text = tty.getvalue()
+    assert "\r" in text and "epoch 2/2" in text and text.rstrip().endswith(text.rstrip().split("\r")[-1])
+    assert "FAILED after" in text.split("\r")[-1] and text.endswith("\n")

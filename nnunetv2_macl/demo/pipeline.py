@@ -1,30 +1,34 @@
 """``macl_demo`` (``make demo``): the whole MACL workflow on the embedded synthetic dataset.
 
 1. point ``nnUNet_raw`` / ``nnUNet_preprocessed`` / ``nnUNet_results`` at folders under ``--workdir``
-   (the user's own nnU-Net folders are never read or written);
-2. write a small synthetic 3-D dataset in nnU-Net raw format (:mod:`nnunetv2_macl.demo.synthetic`);
-3. fingerprint, plan and preprocess it with nnU-Net (``2d``);
-4. MACL pretraining with ``macl_pretrain`` (a subprocess, as a user runs it);
-5. the stock ``nnUNetv2_train <id> 2d 0 -tr nnUNetTrainerMACL_demo`` (fine-tuning from step 4, found
-   through ``nnUNet_extTrainer``) and ``nnUNetv2_train <id> 2d 0 -tr nnUNetTrainerScratch_demo``
-   (random initialisation) as subprocesses, with identical schedules
-   (:mod:`nnunetv2_macl.trainers.demo_trainers`), on fold 0 of nnU-Net's default 5-fold split
-   (``splits_final.json``, written by the first run and read by the second: the same split);
-6. read both ``fold_0/validation/summary.json`` and print the Dice values and the paths.
+   (the user's own nnU-Net folders are never read or written) and write a small synthetic 3-D dataset in
+   nnU-Net raw format (:mod:`nnunetv2_macl.demo.synthetic`);
+2. ``nnUNetv2_plan_and_preprocess -d <id> -c 2d``;
+3. MACL pretraining with ``macl_pretrain`` (images only);
+4. the stock ``nnUNetv2_train <id> 2d 0 -tr nnUNetTrainerMACL_demo`` (fine-tuning from step 3, found
+   through ``nnUNet_extTrainer``) and 5. ``nnUNetv2_train <id> 2d 0 -tr nnUNetTrainerScratch_demo``
+   (random initialisation), with identical schedules (:mod:`nnunetv2_macl.trainers.demo_trainers`), on
+   fold 0 of nnU-Net's default 5-fold split (``splits_final.json``, written by the first run and read by
+   the second: the same split);
+6. ``demo.png`` (:mod:`nnunetv2_macl.figures`): the pretraining losses with Lg's chance level, and for a few
+   validation cases the slice with the most reference foreground: image, reference, MACL and scratch
+   prediction; then the Dice table from both ``fold_0/validation/summary.json``.
 
-Any failing step stops the demo with a message and a non-zero exit status.
+The console shows one line per stage (:class:`~nnunetv2_macl.run.subprocess_steps.StageLine`: progress
+parsed from the tool's output, elapsed time); each tool's full output goes to ``<workdir>/logs/<tool>.log``.
+A failing stage stops the demo with its log path and last 30 lines, exit status 1.
 
 The subprocesses get ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it: on CPU, ``nnUNetv2_train`` and
 ``macl_pretrain`` use one torch (OpenMP) thread per core, and with the default (spinning) wait policy
 every small operation becomes a scheduling round when other processes share the cores: measured on
 2 busy cores, the sliding-window prediction of one 16x32x32 case took 21-24 s with spinning threads
 and 0.9-1.5 s with passive ones (1.2 s with a single thread).
-Defaults (:data:`DEFAULTS`): 20 cases of 24 x 48 x 48, 2 pretraining epochs (batch 16), 8 fine-tuning
+Defaults (:data:`DEFAULTS`): 20 cases of 24 x 48 x 48, 3 pretraining epochs (batch 16), 8 fine-tuning
 epochs x 10 iterations (batch 24 as planned) + 3 validation iterations, for both trainings. Measured
-with ``time make demo`` on 2 CPU cores shared with other jobs (load average 5.7-6.5): 4 min 59 s wall
-(3 min 57 s user + 30 s sys CPU); steps: planning/preprocessing 18 s, pretraining 55 s, each
-``nnUNetv2_train`` ~110 s (of which ~25 s start-up and ~40 s final validation). At a load average of
-~10 the same steps took about 1.5x as long.
+with ``time make demo`` from a fresh clone (existing venv) on 2 CPU cores shared with other jobs (load
+average 7-12): 7 min 28 s wall (3 min 48 s user + 24 s sys CPU); stages: planning/preprocessing 33 s,
+pretraining 146 s (~45 s per epoch), nnUNetv2_train 149 s and 114 s (each ~40 s start-up, ~65 s for the
+8 epochs, ~20 s final validation), figure 2 s. On idle cores one pretraining epoch takes ~11 s.
 
 Python API: :func:`run_demo` (returns a dict with both Dice values and the paths).
 """
@@ -39,8 +43,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from nnunetv2_macl.run.subprocess_steps import (
-    StepError, find_executable, read_summary, stream_command, subprocess_env, temporary_environ)
+    LABEL_WIDTH, StageLine, StepError, find_executable, macl_pretrain_progress, nnunet_train_progress, read_summary,
+    run_quiet, subprocess_env, temporary_environ)
 
 DemoError = StepError  # the demo's name for a failed step
 
@@ -61,8 +68,13 @@ DEMO_VAL_ITERS_ENV = "MACL_DEMO_VAL_ITERS"
 
 # Defaults of `make demo` (see the module doc for the measured times). 48 x 48 slices: nnU-Net plans a
 # 4-stage 2d U-Net (patch 48 x 48, batch 24) and MACL pretrains on 64 x 64 crops (the smallest that fit
-# its divisibility rule); 64 x 64 slices give a 5-stage U-Net and larger pretraining crops.
-DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=2, pretrain_batch_size=16,
+# its divisibility rule); 64 x 64 slices give a 5-stage U-Net and larger pretraining crops. 3 pretraining
+# epochs (~11 s each on 2 idle cores, ~45 s at a load average of 10) give demo.png a loss curve and keep
+# `make demo` under 8 minutes at that load.
+STAGES = 6
+FIGURE = "demo.png"
+FIGURE_ROWS = 3
+DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=3, pretrain_batch_size=16,
                 finetune_epochs=8, train_iters=10, val_iters=3)
 
 
@@ -71,13 +83,6 @@ DEFAULTS = dict(num_cases=20, shape=(24, 48, 48), pretrain_epochs=2, pretrain_ba
 # ---------------------------------------------------------------------------------------------- helpers
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
-
-
-def _banner(step: str) -> None:
-    _say("")
-    _say("=" * 100)
-    _say(f"[macl_demo] {step}")
-    _say("=" * 100)
 
 
 def _num_processes() -> int:
@@ -159,6 +164,62 @@ def _complete(workdir: Path, state: dict, step: str) -> None:
     _write_marker(workdir, state)
 
 
+def _fold0_validation_count(num_cases: int) -> int:
+    """Validation cases of fold 0 of nnU-Net's 5-fold split (sklearn KFold: the first n % 5 folds get one more)."""
+    return num_cases // 5 + (1 if num_cases % 5 else 0)
+
+
+def pretraining_log(pretrain_folder: str | os.PathLike) -> tuple[dict, float | list[float]]:
+    """The per-epoch ``logging`` of a finished pretraining (from ``checkpoint_final.pth``, read with
+    ``weights_only=True``) and Lg's chance level: the pretrainer's per-epoch ``Lg_chance`` when it logs
+    one, else log(2 x batch size - 1) from the run's ``macl_config.json`` (one process)."""
+    from nnunetv2_macl.figures import lg_chance
+    from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint
+
+    folder = Path(pretrain_folder)
+    try:
+        logging = load_checkpoint(str(folder / "checkpoint_final.pth")).get("logging") or {}
+    except CheckpointError as e:
+        raise DemoError(str(e)) from None
+    if not logging.get("epoch"):
+        raise DemoError(f"{folder / 'checkpoint_final.pth'} has no per-epoch pretraining log")
+    chance = logging.get("Lg_chance")
+    if chance:
+        return logging, [float(c) for c in chance]
+    config_file = folder / "macl_config.json"
+    if not config_file.is_file():
+        raise DemoError(f"{config_file} is missing: cannot tell the batch size behind Lg's chance level")
+    return logging, lg_chance(int(json.loads(config_file.read_text())["batch_size"]))
+
+
+def write_demo_figure(path: Path, pretrain_folder: Path, raw_dataset: Path, runs: dict, plans: dict,
+                      max_rows: int = FIGURE_ROWS) -> Path:
+    """``demo.png``: the pretraining losses (with Lg's chance level) above, for up to ``max_rows`` validation
+    cases, the slice with the most reference foreground: image, reference, MACL and scratch prediction
+    (nnU-Net's validation exports), case Dice in brackets."""
+    from nnunetv2_macl.figures import plot_losses_and_panels, slice_row
+
+    logging, chance = pretraining_log(pretrain_folder)
+    dataset_json = json.loads((raw_dataset / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    names = {"macl": "MACL", "scratch": "scratch"}
+    cases = runs["macl"]["validation_cases"]
+    picks = [cases[int(i)] for i in np.unique(np.linspace(0, len(cases) - 1, min(max_rows, len(cases))).round())]
+    rows = []
+    for file in picks:
+        case = file[:-len(ending)]
+        predictions = {names[k]: Path(runs[k]["model_folder"]) / f"fold_{FOLD}" / "validation" / file for k in names}
+        scores = {names[k]: runs[k]["per_case_dice"].get(file, float("nan")) for k in names}
+        rows.append(slice_row(raw_dataset / "imagesTr" / f"{case}_0000{ending}", raw_dataset / "labelsTr" / file,
+                              predictions, dataset_json, plans.get("transpose_forward", (0, 1, 2)), caption=case,
+                              scores=scores))
+    label_names = {int(v): k for k, v in dataset_json["labels"].items() if int(v) > 0}
+    return plot_losses_and_panels(
+        logging, chance, rows, list(names.values()), path,
+        title="MACL demo: pretraining, then fold-0 validation slices (foreground Dice % in brackets)",
+        losses_title="MACL pretraining loss per epoch", label_names=label_names)
+
+
 def run_demo(workdir: str | os.PathLike = DEFAULT_WORKDIR, num_cases: int = DEFAULTS["num_cases"],
              shape: Sequence[int] = DEFAULTS["shape"], pretrain_epochs: int = DEFAULTS["pretrain_epochs"],
              finetune_epochs: int = DEFAULTS["finetune_epochs"], device: str = "cpu",
@@ -214,12 +275,12 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
     timings: dict[str, float] = {}
     earlier = list(state["completed"])  # --keep: the steps an earlier run finished, in order
 
-    def reuse(step: str, output: Path) -> bool:
+    def reuse(step: str, output: Path, label: str) -> bool:
         """--keep: reuse ``step`` when it and every step before it finished earlier and its output is
         there; once a step runs, all later ones run too (the marker then lists only what is valid)."""
         if earlier and earlier[0] == step and output.exists():
             earlier.pop(0)
-            _say(f"[macl_demo] --keep: reusing {output} from the earlier run")
+            _say(f"{label.ljust(LABEL_WIDTH)} reused from the earlier run")
             return True
         if earlier:
             earlier.clear()
@@ -229,12 +290,11 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
             _write_marker(workdir, state)
         return False
 
-    _banner("nnU-Net folders of this demo (your own nnU-Net folders are not used)")
-    for k, v in paths.items():
-        _say(f"  {k}={v}")
+    _say(f"[macl_demo] all output under {workdir} (its own nnU-Net folders; yours are not used); "
+         f"each stage's full output in {workdir / 'logs'}")
 
     # imports after the environment is set (nnunetv2 reads nnUNet_def_n_proc when first imported)
-    from nnunetv2_macl.demo.synthetic import LABELS, make_synthetic_dataset, plan_and_preprocess
+    from nnunetv2_macl.demo.synthetic import LABELS, make_synthetic_dataset
     from nnunetv2_macl.run.trainer_path import ext_trainer_value
     from nnunetv2_macl.training.pretrainer import output_folder_name
 
@@ -243,83 +303,69 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
     preprocessed_dataset = Path(paths["nnUNet_preprocessed"]) / dataset_name
     results_dataset = Path(paths["nnUNet_results"]) / dataset_name
     logs = workdir / "logs"
+    env = subprocess_env(paths, ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
 
     # -- 1. dataset ----------------------------------------------------------------------------
-    _banner(f"1/5 synthetic dataset: {num_cases} cases of {tuple(int(s) for s in shape)} voxels, 2 labels")
+    label = f"[1/{STAGES}] synthetic dataset ({num_cases} cases of {'x'.join(str(int(s)) for s in shape)})"
     t0 = time.perf_counter()
-    if not reuse("dataset", raw_dataset / "dataset.json"):
-        make_synthetic_dataset(paths["nnUNet_raw"], dataset_id=dataset_id, name=DEMO_DATASET_NAME,
-                               num_cases=num_cases, shape=tuple(shape), seed=seed)
+    if not reuse("dataset", raw_dataset / "dataset.json", label):
+        with StageLine(label):
+            make_synthetic_dataset(paths["nnUNet_raw"], dataset_id=dataset_id, name=DEMO_DATASET_NAME,
+                                   num_cases=num_cases, shape=tuple(shape), seed=seed)
         _complete(workdir, state, "dataset")
     timings["dataset"] = time.perf_counter() - t0
-    _say(f"[macl_demo] wrote {raw_dataset} ({timings['dataset']:.1f} s)")
 
     # -- 2. plan and preprocess ------------------------------------------------------------------
-    _banner(f"2/5 nnU-Net fingerprint, plans ({PLANS}) and preprocessing ({CONFIGURATION})")
+    label = f"[2/{STAGES}] nnUNetv2_plan_and_preprocess ({CONFIGURATION})"
     t0 = time.perf_counter()
     plans_file = preprocessed_dataset / f"{PLANS}.json"
-    if not reuse("preprocess", plans_file):
-        try:
-            plan_and_preprocess(dataset_id, configurations=(CONFIGURATION,), num_processes=_num_processes())
-        except Exception as e:
-            raise DemoError(f"nnU-Net planning/preprocessing failed: {type(e).__name__}: {e}") from e
+    if not reuse("preprocess", plans_file, label):
+        n = str(_num_processes())
+        run_quiet([find_executable("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", CONFIGURATION,
+                   "-np", n, "-npfp", n], env, label, logs / "nnUNetv2_plan_and_preprocess.log", step_timeout)
         _complete(workdir, state, "preprocess")
     if not plans_file.is_file():
         raise DemoError(f"nnU-Net planning did not write {plans_file}")
-    plans = json.loads(plans_file.read_text())
-    cm = plans["configurations"][CONFIGURATION]
     timings["plan_and_preprocess"] = time.perf_counter() - t0
-    _say(f"[macl_demo] {CONFIGURATION}: patch size {cm['patch_size']}, batch size {cm['batch_size']}, "
-         f"{len(cm['architecture']['arch_kwargs']['features_per_stage'])} stages "
-         f"({timings['plan_and_preprocess']:.1f} s)")
 
     # -- 3. MACL pretraining ---------------------------------------------------------------------
-    env = subprocess_env(paths, ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-    _banner(f"3/5 MACL pretraining with macl_pretrain ({pretrain_epochs} epochs, batch {pretrain_batch_size}); "
-            f"images only, no labels")
+    label = f"[3/{STAGES}] macl_pretrain ({pretrain_epochs} epochs, batch {pretrain_batch_size}, no labels)"
     t0 = time.perf_counter()
     pretrain_folder = Path(paths["nnUNet_results"]) / dataset_name / output_folder_name(PLANS, CONFIGURATION)
     checkpoint = pretrain_folder / "checkpoint_final.pth"
-    if not reuse("pretrain", checkpoint):
+    if not reuse("pretrain", checkpoint, label):
         if pretrain_folder.exists():  # an unfinished earlier run (--keep); macl_pretrain would refuse it
             shutil.rmtree(pretrain_folder)
-        stream_command([find_executable("macl_pretrain"), "-d", str(dataset_id), "-c", CONFIGURATION, "-p", PLANS,
-                 "--device", device, "--epochs", str(int(pretrain_epochs)), "--batch-size",
-                 str(int(pretrain_batch_size)), "--num-workers", "0", "--seed", str(12345 + int(seed)),
-                 "--save-every", str(max(1, int(pretrain_epochs)))],
-                env, "[pretrain]", logs / "macl_pretrain.log", step_timeout)
+        run_quiet([find_executable("macl_pretrain"), "-d", str(dataset_id), "-c", CONFIGURATION, "-p", PLANS,
+                   "--device", device, "--epochs", str(int(pretrain_epochs)), "--batch-size",
+                   str(int(pretrain_batch_size)), "--num-workers", "0", "--seed", str(12345 + int(seed)),
+                   "--save-every", str(max(1, int(pretrain_epochs)))],
+                  env, label, logs / "macl_pretrain.log", step_timeout, macl_pretrain_progress)
         if not checkpoint.is_file():
             raise DemoError(f"macl_pretrain finished without writing {checkpoint}")
         _complete(workdir, state, "pretrain")
     timings["pretrain"] = time.perf_counter() - t0
-    _say(f"[macl_demo] pretrained weights: {checkpoint} ({timings['pretrain']:.1f} s)")
 
-    # -- 4. fine-tuning and scratch with the stock nnUNetv2_train -----------------------------------
+    # -- 4./5. fine-tuning and scratch with the stock nnUNetv2_train --------------------------------
     train_bin = find_executable("nnUNetv2_train")
     env["MACL_PRETRAINED"] = str(checkpoint)  # explicit: never a checkpoint from elsewhere
     env[DEMO_EPOCHS_ENV] = str(int(finetune_epochs))
     env[DEMO_TRAIN_ITERS_ENV] = str(int(train_iters))
     env[DEMO_VAL_ITERS_ENV] = str(int(val_iters))
+    n_val = _fold0_validation_count(num_cases)
     runs = {}
-    for step, (key, trainer, prefix) in enumerate((("macl", MACL_TRAINER, "[macl   ]"),
-                                                   ("scratch", SCRATCH_TRAINER, "[scratch]")), start=4):
-        what = "fine-tuning from the MACL weights" if key == "macl" else "from scratch (random initialisation)"
-        _banner(f"{step}/5 nnUNetv2_train {what}: {finetune_epochs} epochs x {train_iters} iterations "
-                f"(+{val_iters} validation iterations), fold {FOLD} of nnU-Net's 5-fold split")
+    for step, (key, trainer, what) in enumerate((("macl", MACL_TRAINER, "MACL fine-tuning"),
+                                                 ("scratch", SCRATCH_TRAINER, "from scratch")), start=4):
+        label = f"[{step}/{STAGES}] nnUNetv2_train, {what} ({finetune_epochs} epochs)"
         model_folder = results_dataset / f"{trainer}__{PLANS}__{CONFIGURATION}"
         summary_file = model_folder / f"fold_{FOLD}" / "validation" / "summary.json"
         log_file = logs / f"nnUNetv2_train_{trainer}.log"
         t0 = time.perf_counter()
-        if not reuse(f"train_{key}", summary_file):
+        if not reuse(f"train_{key}", summary_file, label):
             if model_folder.exists():
                 shutil.rmtree(model_folder)
-            if key == "macl":
-                _say(f"[macl_demo] nnUNet_extTrainer={env['nnUNet_extTrainer']}")
-                _say(f"[macl_demo] MACL_PRETRAINED={env['MACL_PRETRAINED']}")
-            _say(f"[macl_demo] {DEMO_EPOCHS_ENV}={env[DEMO_EPOCHS_ENV]} {DEMO_TRAIN_ITERS_ENV}="
-                 f"{env[DEMO_TRAIN_ITERS_ENV]} {DEMO_VAL_ITERS_ENV}={env[DEMO_VAL_ITERS_ENV]}")
-            stream_command([train_bin, str(dataset_id), CONFIGURATION, str(FOLD), "-tr", trainer, "-device", device],
-                    env, prefix, log_file, step_timeout)
+            run_quiet([train_bin, str(dataset_id), CONFIGURATION, str(FOLD), "-tr", trainer, "-device", device],
+                      env, label, log_file, step_timeout, nnunet_train_progress(int(finetune_epochs), n_val))
             _complete(workdir, state, f"train_{key}")
         timings[f"train_{key}"] = time.perf_counter() - t0
         runs[key] = read_summary(summary_file, LABELS)
@@ -329,6 +375,14 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
     if runs["macl"]["validation_cases"] != runs["scratch"]["validation_cases"]:
         raise DemoError(f"the two trainings were validated on different cases ({runs['macl']['validation_cases']} vs "
                         f"{runs['scratch']['validation_cases']}); both must use fold {FOLD} of splits_final.json")
+
+    # -- 6. the figure ----------------------------------------------------------------------------
+    label = f"[6/{STAGES}] figure: pretraining losses and validation slices"
+    t0 = time.perf_counter()
+    figure = workdir / FIGURE
+    with StageLine(label):
+        write_demo_figure(figure, pretrain_folder, raw_dataset, runs, json.loads(plans_file.read_text()))
+    timings["figure"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
     splits_file = preprocessed_dataset / "splits_final.json"
@@ -348,6 +402,7 @@ def _run_steps(workdir: Path, settings: dict, state: dict, paths: dict[str, str]
             "scratch_model_folder": runs["scratch"]["model_folder"],
             "macl_summary": runs["macl"]["summary_file"], "scratch_summary": runs["scratch"]["summary_file"],
             "macl_log": runs["macl"]["log_file"], "scratch_log": runs["scratch"]["log_file"],
+            "logs": str(logs), "figure": str(figure),
         },
     }
     (workdir / "demo_result.json").write_text(json.dumps(result, indent=2))
@@ -360,7 +415,8 @@ def print_report(result: dict) -> None:
     p = result["paths"]
     s = result["settings"]
     n_val = len(result["validation_cases"])
-    _banner("results: Dice on the validation cases of fold 0 (nnU-Net's validation/summary.json)")
+    _say("")
+    _say("Dice on the validation cases of fold 0 (nnU-Net's validation/summary.json):")
     classes = list(result["per_class"]["macl"])
     header = f"  {'run':<44}{'foreground mean':>16}" + "".join(f"{c:>12}" for c in classes)
     _say(header)
@@ -369,23 +425,18 @@ def print_report(result: dict) -> None:
         dice = result[f"dice_{key}"]
         _say(f"  {label:<44}{dice:>16.4f}" + "".join(f"{result['per_class'][key][c]:>12.4f}" for c in classes))
     _say("")
-    _say(f"  Same split for both: fold 0 of nnU-Net's default 5-fold split ({p['splits_file']}), "
-         f"{s['num_cases'] - n_val} training / {n_val} validation cases: {', '.join(result['validation_cases'])}.")
-    _say(f"  Same schedule for both: {s['finetune_epochs']} epochs x {s['train_iters']} training iterations "
-         f"({s['val_iters']} validation iterations per epoch); only the initial weights differ. The MACL "
-         f"pretraining ({s['pretrain_epochs']} epochs) used the images of all {s['num_cases']} cases, no labels.")
+    _say(f"  Same split for both: fold 0 of nnU-Net's default 5-fold split, {s['num_cases'] - n_val} training / "
+         f"{n_val} validation cases. Same schedule for both: {s['finetune_epochs']} epochs x {s['train_iters']} "
+         f"iterations; only the initial weights differ. The MACL pretraining ({s['pretrain_epochs']} epochs) used "
+         f"the images of all {s['num_cases']} cases, no labels.")
     _say("  A demo-sized run on synthetic data: the numbers show that the pipeline works end to end, "
          "not how much pretraining helps.")
     _say("")
-    _say("  Written:")
-    rows = [("nnU-Net raw dataset", p["raw_dataset"]), ("preprocessed + plans", p["preprocessed_dataset"]),
-            ("split (fold 0 used)", p["splits_file"]), ("MACL pretraining", p["pretrain_folder"]),
-            ("  pretrained weights", p["pretrained_checkpoint"]), ("MACL fine-tuned model", p["macl_model_folder"]),
-            ("  validation summary", p["macl_summary"]), ("scratch model", p["scratch_model_folder"]),
-            ("  validation summary", p["scratch_summary"]), ("training logs", str(Path(p["macl_log"]).parent)),
-            ("demo result (json)", p.get("result_json", ""))]
+    rows = [("figure", p["figure"]), ("stage logs", p["logs"]), ("pretrained weights", p["pretrained_checkpoint"]),
+            ("MACL fine-tuned model", p["macl_model_folder"]), ("scratch model", p["scratch_model_folder"]),
+            ("split (fold 0 used)", p["splits_file"]), ("demo result (json)", p.get("result_json", ""))]
     for name, path in rows:
-        _say(f"    {name:<24}{path}")
+        _say(f"  {name:<24}{path}")
     t = result["timings"]
     _say("")
     _say("  Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items() if k != "total")
