@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint
+from nnunetv2_macl.transfer.identity import (
+    UnsupportedCheckpointFormatError, checkpoint_format_version, citation_text)
 
 SEG_LAYER_MARK = "seg_layers."
 ENCODER_PREFIX = "encoder."
@@ -115,6 +117,10 @@ class TransferReport:
     encoder_total: int = 0
     pretrained_prefixes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    #: what to print so that users cite the method (empty for checkpoints that are not MACL's)
+    citation: str = ""
+    #: the checkpoint's format version (0: not a MACL pretraining checkpoint; 1: before versioning)
+    format_version: int = 0
 
     @property
     def num_total(self) -> int:
@@ -402,12 +408,17 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
         checkpoint = load_weights_only(source)
     if not isinstance(checkpoint, dict):
         raise IncompatibleCheckpointError(f"Expected a checkpoint dict or path, got {type(checkpoint).__name__}")
+    try:
+        format_version = checkpoint_format_version(checkpoint)
+    except UnsupportedCheckpointFormatError as e:
+        raise IncompatibleCheckpointError(f"{source}: {e}") from None
     weights, meta = _split_checkpoint(checkpoint)
     mod = unwrap_network(network)
     groups, tensors = _alias_groups(mod)
     prefixes = pretrained_prefixes_from_meta(meta)
 
-    report = TransferReport(source=source, pretrained_prefixes=prefixes)
+    report = TransferReport(source=source, pretrained_prefixes=prefixes, format_version=format_version,
+                            citation=citation_text(checkpoint))
     if meta:
         arch = str(meta.get("network_arch_class_name", ""))
         if arch and arch.split(".")[-1] != type(mod).__name__:
