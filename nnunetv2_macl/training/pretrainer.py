@@ -571,10 +571,6 @@ class MACLPretrainer:
                 f"the data of this run has {mine['input_channels']}, and resuming has no rule to adapt the first "
                 f"convolution; use data with {meta['input_channels']} channel(s) or start a new pretraining "
                 f"(remove the output folder)")
-        theirs_sets = [d.get("dataset_name") for d in meta.get("datasets") or []] or [meta.get("dataset_name")]
-        mine_sets = [d["dataset_name"] for d in mine["datasets"]]
-        if theirs_sets != mine_sets:
-            raise CheckpointError(f"{prefix} it was pretrained on the datasets {theirs_sets}, this run uses {mine_sets}")
         for key in ("plans_identifier", "configuration"):
             if meta.get(key) != mine[key]:
                 raise CheckpointError(f"{prefix} it was written with {key} = {meta.get(key)!r}, "
