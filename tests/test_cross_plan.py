@@ -73,7 +73,8 @@ def test_kernel_adaptation_rules():
                                torch.nn.functional.conv3d(x, shrunk, padding=(0, 1, 1)))
     t = torch.randn(4, 2, 2, 2, 2)  # transposed conv: kernel = stride
     torch.testing.assert_close(adapt_kernel(t, (1, 2, 2), transposed=True)[0], t.mean(2, keepdim=True))
-    torch.testing.assert_close(adapt_kernel(t[:, :, :1], (2, 2, 2), transposed=True)[0], t[:, :, :1].repeat(1, 1, 2, 1, 1))
+    one = t[:, :, :1]
+    torch.testing.assert_close(adapt_kernel(one, (2, 2, 2), transposed=True)[0], one.repeat(1, 1, 2, 1, 1))
     with pytest.raises(ValueError):
         adapt_kernel(w, (2, 3, 3))
 

@@ -349,8 +349,9 @@ class MACLPretrainer:
             with open(os.path.join(self.output_folder, "macl_config.json"), "w") as f:
                 json.dump(self.config.to_dict(), f, indent=2)
             if len(self.sources) > 1:
-                self.print_to_log_file("Datasets (sampling " + cfg.sampling + "): " + ", ".join(
-                    f"{d['dataset_name']} {d['samples']} samples, share {d['share']:.1%}" for d in self.source_summary()))
+                parts = [f"{d['dataset_name']} {d['samples']} samples, share {d['share']:.1%}"
+                         for d in self.source_summary()]
+                self.print_to_log_file(f"Datasets (sampling {cfg.sampling}): " + ", ".join(parts))
             # read by the fine-tuning's default lookup, so that every dataset trained on finds this run
             with open(datasets_file(self.output_folder), "w") as f:
                 json.dump({"plans_identifier": self.plans_manager.plans_name, "configuration": self.configuration_name,

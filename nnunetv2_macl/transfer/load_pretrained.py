@@ -157,7 +157,8 @@ class TransferReport:
                 lines.append(f"  skipped ({kind}): {_compress_keys(keys)}")
         if self.unused_checkpoint_keys:
             lines.append(f"  {len(self.unused_checkpoint_keys)} checkpoint tensors have no counterpart in the "
-                         f"network (skipped, e.g. stages this network lacks): {_compress_keys(self.unused_checkpoint_keys)}")
+                         f"network (skipped, e.g. stages this network lacks): "
+                         f"{_compress_keys(self.unused_checkpoint_keys)}")
         for n in self.notes:
             lines.append(f"  note: {n}")
         return "\n".join(lines)
