@@ -190,3 +190,108 @@ def test_pretrained_weights_flag_with_partial_checkpoint(cli):
     fold = Path(env["nnUNet_results"]) / ds["name"] / f"{TRAINER}__{ds['plans']}__2d" / "fold_0"
     assert (fold / "checkpoint_final.pth").is_file()
     print(f"-pretrained_weights run: {secs:.1f} s")
+
+
+# ------------------------------------------------------------------ weights precedence and resuming (--c)
+PROBE_TRAINER = "nnUNetTrainerMACL_probe"
+PROBE_SOURCE = '''
+import os
+import torch
+from nnunetv2_macl.trainers.nnUNetTrainerMACL import nnUNetTrainerMACL_1epoch
+
+
+class nnUNetTrainerMACL_probe(nnUNetTrainerMACL_1epoch):
+    """Test-only: 2 short epochs, checkpoint_latest after each; writes the network's weights as they are
+    when training starts to $MACL_TEST_PROBE; $MACL_TEST_INTERRUPT stops the run before epoch 2."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+        self.save_every = 1
+
+    def on_train_start(self):
+        super().on_train_start()
+        net = self.network._orig_mod if hasattr(self.network, "_orig_mod") else self.network
+        torch.save({k: v.detach().cpu().clone() for k, v in net.state_dict().items()}, os.environ["MACL_TEST_PROBE"])
+
+    def on_epoch_start(self):
+        if self.current_epoch == 1 and os.environ.get("MACL_TEST_INTERRUPT"):
+            raise RuntimeError("simulated interruption before epoch 2")
+        super().on_epoch_start()
+'''
+
+
+@pytest.fixture(scope="module")
+def probe(cli):
+    """The CLI environment plus a test-only trainer folder on nnUNet_extTrainer, and a second checkpoint."""
+    folder = cli["base"] / "probe_trainers"
+    folder.mkdir(exist_ok=True)
+    (folder / "probe_trainer.py").write_text(PROBE_SOURCE)
+    env = dict(cli["env"])
+    env["nnUNet_extTrainer"] = os.pathsep.join([env["nnUNet_extTrainer"], str(folder)])
+    env["nnUNet_n_proc_DA"] = "0"  # in-process data loading: an interrupted run leaves no worker behind
+    other = cli["base"] / "other_checkpoint_final.pth"
+    ck = load_weights_only(str(cli["good"]))
+    ck["network_weights"] = {k: v + 0.5 for k, v in ck["network_weights"].items()}
+    save_checkpoint_atomic(ck, str(other))
+    return {**cli, "env": env, "other": other}
+
+
+def _probe_run(probe, name, extra_args=(), **env_extra):
+    ds = probe["dataset"]
+    env = dict(probe["env"])
+    env["nnUNet_results"] = str(probe["base"] / name)
+    env.update({k: str(v) for k, v in env_extra.items()})
+    rc, out, _ = _run(["nnUNetv2_train", str(ds["id"]), "2d", "0", "-tr", PROBE_TRAINER, "-device", "cpu",
+                       *extra_args], env)
+    fold = Path(env["nnUNet_results"]) / ds["name"] / f"{PROBE_TRAINER}__{ds['plans']}__2d" / "fold_0"
+    return rc, out, fold
+
+
+KEY = "encoder.stages.0.0.convs.0.conv.weight"
+
+
+@pytest.mark.e2e
+def test_pretrained_weights_flag_wins_over_env_variable(probe):
+    """README and code agree: -pretrained_weights FILE wins over MACL_PRETRAINED, and the log says so."""
+    probe_file = probe["base"] / "probe_precedence.pth"
+    rc, out, fold = _probe_run(probe, "results_precedence", ["-pretrained_weights", str(probe["good"])],
+                               MACL_PRETRAINED=probe["other"], MACL_TEST_PROBE=probe_file, MACL_TEST_INTERRUPT=1)
+    assert "simulated interruption" in out, out[-3000:]
+    start = torch.load(probe_file, weights_only=True)
+    good = load_weights_only(str(probe["good"]))["network_weights"]
+    other = load_weights_only(str(probe["other"]))["network_weights"]
+    assert torch.equal(start[KEY], good[KEY]) and not torch.equal(start[KEY], other[KEY])
+    assert f"MACL_PRETRAINED={probe['other']} is ignored (the flag wins)" in out
+    assert f"MACL weight transfer from {probe['other']}" not in out
+
+
+@pytest.mark.e2e
+def test_resume_keeps_resumed_weights(probe):
+    """nnUNetv2_train --c after an interrupted run: the weights of checkpoint_latest.pth are kept and the
+    MACL checkpoint (still named by MACL_PRETRAINED) is not copied over them."""
+    first = probe["base"] / "probe_first.pth"
+    rc, out, fold = _probe_run(probe, "results_resume", MACL_PRETRAINED=probe["good"], MACL_TEST_PROBE=first,
+                               MACL_TEST_INTERRUPT=1)
+    assert rc != 0 and "simulated interruption" in out, out[-3000:]
+    assert f"MACL weight transfer from {probe['good']}" in out
+    latest = load_weights_only(str(fold / "checkpoint_latest.pth"))
+    assert latest["current_epoch"] == 1 and not (fold / "checkpoint_final.pth").exists()
+    pretrained = load_weights_only(str(probe["good"]))["network_weights"]
+    assert not torch.equal(latest["network_weights"][KEY], pretrained[KEY])  # epoch 1 changed them
+
+    resumed = probe["base"] / "probe_resumed.pth"
+    rc, out, fold = _probe_run(probe, "results_resume", ["--c"], MACL_PRETRAINED=probe["good"],
+                               MACL_TEST_PROBE=resumed)
+    assert rc == 0, out[-4000:]
+    assert "weights come from the nnU-Net checkpoint being resumed" in (next(fold.glob("training_log_*.txt"))
+                                                                         .read_text() + out)
+    assert "MACL weight transfer from" not in out
+    start = torch.load(resumed, weights_only=True)
+    for k, v in latest["network_weights"].items():
+        assert torch.equal(start[k.removeprefix("module.")], v), k
+    final = load_weights_only(str(fold / "checkpoint_final.pth"))
+    assert final["current_epoch"] == 2

@@ -462,3 +462,21 @@ def test_macl_trainer_path_output(monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_extTrainer", folder)  # not appended twice
     trainer_path.main([])
     assert capsys.readouterr().out.strip() == f"export nnUNet_extTrainer={folder}"
+
+
+# ----------------------------------------------------------------------------------------------- identity
+def test_checkpoint_identity_citation_and_format_version(plans_file):
+    from nnunetv2_macl.transfer.identity import CHECKPOINT_FORMAT_VERSION, checkpoint_identity
+
+    src = build_network(plans_file, seed=0)
+    v1 = macl_checkpoint(src, plans_file)  # a MACL checkpoint written before format versions
+    report = transfer_pretrained_weights(build_network(plans_file, seed=1), v1, log=None)
+    assert report.format_version == 1 and "Multi-level Asymmetric Contrastive Learning" in report.citation
+    current = {**checkpoint_identity(), **v1}
+    report = transfer_pretrained_weights(build_network(plans_file, seed=1), current, log=None)
+    assert report.format_version == CHECKPOINT_FORMAT_VERSION and "Positional Contrastive Learning" in report.citation
+    plain = {"network_weights": v1["network_weights"]}  # e.g. nnU-Net's own checkpoint: nothing to cite
+    assert transfer_pretrained_weights(build_network(plans_file, seed=1), plain, log=None).citation == ""
+    newer = {**current, "format_version": CHECKPOINT_FORMAT_VERSION + 1}
+    with pytest.raises(IncompatibleCheckpointError, match="Upgrade nnunetv2_macl"):
+        transfer_pretrained_weights(build_network(plans_file, seed=1), newer, log=None)

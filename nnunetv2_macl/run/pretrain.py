@@ -113,10 +113,49 @@ def pretraining_output_folder(dataset_name: str, plans_identifier: str, configur
                                                                                         configuration))
 
 
-def run_pretraining(dataset_name_or_id: str | int, configuration: str = "2d", plans_identifier: str = "nnUNetPlans",
-                    config: MACLConfig | None = None, device: str | torch.device = "cuda",
-                    continue_training: bool = False, output_folder: str | None = None) -> str:
+def resolve_sources(datasets: list[str], configuration: str, plans_identifier: str,
+                    plans_from: str | int | None = None) -> tuple[dict, dict, str, list[tuple[str, str]]]:
+    """The plans whose network is pretrained (``plans_from``, default the first dataset), its
+    dataset.json and preprocessed folder, and (name, data folder) of every dataset to pretrain on,
+    each checked compatible with those plans (one-line errors naming the dataset, field and fix)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_macl.data.multi_dataset import check_compatible_plans
+
+    names = [resolve_dataset_name(d) for d in datasets]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise UsageError(f"Dataset(s) given more than once to -d: {', '.join(duplicates)}")
+    ref_name = resolve_dataset_name(plans_from) if plans_from is not None else names[0]
+    plans, dataset_json, preprocessed = load_plans_and_dataset_json(ref_name, plans_identifier)
+    configurations = plans.get("configurations") or {}
+    if configuration not in configurations:
+        raise UsageError(f"Unknown configuration {configuration!r} in plans {plans_identifier!r} of {ref_name} "
+                         f"(available: {sorted(configurations)})")
+    sources = []
+    for name in names:
+        if name == ref_name:
+            check_configuration(plans, configuration, plans_identifier, name, preprocessed)
+            this_plans, this_preprocessed = plans, preprocessed
+        else:
+            this_plans, this_json, this_preprocessed = load_plans_and_dataset_json(name, plans_identifier)
+            check_compatible_plans(ref_name, plans, dataset_json, name, this_plans, this_json, configuration,
+                                   plans_identifier)
+            check_configuration(this_plans, configuration, plans_identifier, name, this_preprocessed)
+        data_identifier = PlansManager(this_plans).get_configuration(configuration).data_identifier
+        sources.append((name, os.path.join(this_preprocessed, data_identifier)))
+    return plans, dataset_json, preprocessed, sources
+
+
+def run_pretraining(dataset_name_or_id: str | int | list, configuration: str = "2d",
+                    plans_identifier: str = "nnUNetPlans", config: MACLConfig | None = None,
+                    device: str | torch.device = "cuda", continue_training: bool = False,
+                    output_folder: str | None = None, plans_from: str | int | None = None) -> str:
     """Pretrain with MACL and return the output folder (holding checkpoint_final.pth).
+
+    ``dataset_name_or_id`` may list several datasets (one pretraining over all of them): the network
+    comes from the plans of ``plans_from`` (default: the first dataset), every dataset must be
+    preprocessed with a compatible plan, and the output goes under the first dataset unless
+    ``output_folder`` is given.
 
     Everything that can be checked without training (options, environment, dataset, plans,
     configuration, data, crop, output folder, the checkpoint to resume) is checked first; the
@@ -146,10 +185,10 @@ def run_pretraining(dataset_name_or_id: str | int, configuration: str = "2d", pl
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps requested but MPS is not available; use --device cpu")
 
-    dataset_name = resolve_dataset_name(dataset_name_or_id)
-    plans, dataset_json, preprocessed = load_plans_and_dataset_json(dataset_name, plans_identifier)
-    check_configuration(plans, configuration, plans_identifier, dataset_name, preprocessed)
-    output_folder = output_folder or pretraining_output_folder(dataset_name, plans_identifier, configuration)
+    datasets = list(dataset_name_or_id) if isinstance(dataset_name_or_id, (list, tuple)) else [dataset_name_or_id]
+    plans, dataset_json, preprocessed, sources = resolve_sources(datasets, configuration, plans_identifier,
+                                                                 plans_from)
+    output_folder = output_folder or pretraining_output_folder(sources[0][0], plans_identifier, configuration)
     latest = os.path.join(output_folder, "checkpoint_latest.pth")
     final = os.path.join(output_folder, "checkpoint_final.pth")
     if not continue_training and (os.path.isfile(final) or os.path.isfile(latest)):
@@ -160,7 +199,7 @@ def run_pretraining(dataset_name_or_id: str | int, configuration: str = "2d", pl
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     trainer = MACLPretrainer(plans, configuration, dataset_json, preprocessed, output_folder, config, device,
-                             rank=rank, world_size=world_size)
+                             rank=rank, world_size=world_size, sources=sources)
     trainer.initialize()
     if continue_training:
         resume_from = latest if os.path.isfile(latest) else final if os.path.isfile(final) else None
@@ -192,9 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="macl_pretrain",
         description="MACL self-supervised pretraining (no labels) of the network nnU-Net plans for a dataset. "
                     "Writes $nnUNet_results/DatasetXXX_Name/MACLPretrainer__<plans>__<configuration>/.")
-    p.add_argument("-d", dest="dataset", required=True, help="dataset id or name, as nnU-Net accepts")
+    p.add_argument("-d", dest="dataset", nargs="+", required=True,
+                   help="dataset id(s) or name(s), as nnU-Net accepts; several: one pretraining over all of them")
     p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration (default 2d)")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--plans-from", dest="plans_from", default=None,
+                   help="several datasets: the dataset whose plan gives the network (default: the first of -d)")
+    p.add_argument("--sampling", default=d.sampling, choices=["proportional", "balanced"],
+                   help="several datasets: samples per epoch proportional to each dataset's size (default) or an "
+                        "equal share per dataset")
+    p.add_argument("-o", dest="output_folder", default=None,
+                   help="output folder (default $nnUNet_results/<first dataset>/MACLPretrainer__<plans>__<conf>)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cuda", "cpu", "mps"], help="default: cuda when available, else cpu")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -247,7 +294,7 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         two_stage=args.two_stage, global_through_decoder=not args.global_on_encoder,
         global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,
-        patches_per_case=args.patches_per_case, seed=args.seed, num_workers=args.num_workers,
+        patches_per_case=args.patches_per_case, sampling=args.sampling, seed=args.seed, num_workers=args.num_workers,
         save_every=args.save_every, amp=not args.no_amp, compile=args.compile, channels_last=args.channels_last,
         global_negatives=not args.per_gpu_negatives)
 
@@ -267,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse prints its own one-line usage errors (exit 2)
     try:
         folder = run_pretraining(args.dataset, args.configuration, args.plans, config_from_args(args), args.device,
-                                 args.continue_training)
+                                 args.continue_training, args.output_folder, args.plans_from)
     except USER_ERRORS as e:
         sys.stdout.flush()
         print(f"macl_pretrain: error: {one_line(e)}", file=sys.stderr, flush=True)

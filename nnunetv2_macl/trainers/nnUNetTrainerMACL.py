@@ -9,14 +9,22 @@ Use through stock nnU-Net (after ``pip install``)::
 nnU-Net imports this file *by path* as a top-level module (``nnunetv2.utilities.find_objects``),
 so it must only use absolute imports (``from nnunetv2_macl...``).
 
-Which weights (first match wins):
+Which weights (first match wins; the README says the same):
 1. ``nnUNetv2_train ... -pretrained_weights FILE``: loaded by nnU-Net's ``maybe_load_checkpoint``
-   through our safe, lenient loader (see below); nothing else is loaded on top.
-2. ``MACL_PRETRAINED=/path/to/checkpoint.pth`` (needed for cross-dataset transfer).
-3. The one ``checkpoint_final.pth`` in
-   ``$nnUNet_results/<dataset>/MACLPretrainer__<plans>__<configuration>/``
+   through our safe, lenient loader (see below); nothing else is loaded on top. A
+   ``MACL_PRETRAINED`` set at the same time is ignored, and the log says so (the flag is part of
+   this command; the variable may be left over in the shell).
+2. ``MACL_PRETRAINED=/path/to/checkpoint.pth`` (a dataset the pretraining did not see).
+3. The one ``checkpoint_final.pth`` of a pretraining of this dataset: in
+   ``$nnUNet_results/<dataset>/MACLPretrainer__<plans>__<configuration>/``, or a multi-dataset
+   pretraining stored under another dataset that lists this one
    (:func:`nnunetv2_macl.transfer.find_checkpoint.find_default_checkpoint`; clear errors for none/several).
-Resuming (``--c`` with an existing checkpoint) and ``--val`` load nnU-Net's own checkpoint instead.
+Resuming (``--c`` with an existing checkpoint) and ``--val`` load nnU-Net's own checkpoint instead:
+the resumed weights are kept and no pretrained weights are copied over them.
+
+The pretraining plan may differ from this training's (another dataset's plan): kernels of another
+size are adapted and stages matched by resolution (see ``nnunetv2_macl.transfer.load_pretrained``).
+The citation of the method is printed when the transfer happens.
 
 The transfer happens in :meth:`nnUNetTrainerMACL.on_train_start`, i.e. after ``initialize()`` and
 before the data loaders start (and not inside ``initialize()``: nnU-Net calls ``initialize()`` before
@@ -62,6 +70,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_macl.transfer.find_checkpoint import find_default_checkpoint
+from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
     PRETRAINED_REPORT_ATTR,
     PRETRAINED_SOURCE_ATTR,
@@ -152,6 +161,12 @@ class nnUNetTrainerMACL(nnUNetTrainer):
         notes = []
         here = {"dataset_name": self.plans_manager.dataset_name, "plans_identifier": self.plans_manager.plans_name,
                 "configuration": self.configuration_name}
+        trained_on = [d.get("dataset_name") for d in meta.get("datasets") or [] if isinstance(d, dict)]
+        if len(trained_on) > 1:
+            here.pop("dataset_name")
+            shares = ", ".join(f"{d.get('dataset_name')} {float(d.get('share', 0)):.0%}" for d in meta["datasets"])
+            seen = "including" if self.plans_manager.dataset_name in trained_on else "not including"
+            notes.append(f"pretrained on {len(trained_on)} datasets ({shares}), {seen} this one")
         for k, v in here.items():
             if k in meta and str(meta[k]) != str(v):
                 notes.append(f"checkpoint {k} is {meta[k]!r}, this training uses {v!r}")
@@ -170,11 +185,15 @@ class nnUNetTrainerMACL(nnUNetTrainer):
             return None
         if given is not None:
             report = getattr(mod, PRETRAINED_REPORT_ATTR, None)
-            self.print_to_log_file(f"MACL: weights were given with -pretrained_weights ({given}); "
-                                   f"{MACL_PRETRAINED_ENV} and the default MACL checkpoint are not used.",
-                                   also_print_to_console=True)
+            ignored = os.environ.get(MACL_PRETRAINED_ENV, "").strip()
+            self.print_to_log_file(
+                f"MACL: weights were given with -pretrained_weights ({given}); "
+                + (f"{MACL_PRETRAINED_ENV}={ignored} is ignored (the flag wins) and " if ignored else
+                   f"{MACL_PRETRAINED_ENV} and ")
+                + "the default MACL checkpoint are not used.", also_print_to_console=True)
             if report is not None:
                 self.print_to_log_file(report.summary(), also_print_to_console=False)
+                self._print_citation(report)
             self.macl_transfer_report = report
             return report
 
@@ -186,8 +205,13 @@ class nnUNetTrainerMACL(nnUNetTrainer):
         report.source = path
         report.notes.extend(self._macl_metadata_notes(meta))
         self.print_to_log_file(report.summary())
+        self._print_citation(report)
         self.macl_transfer_report = report
         return report
+
+    def _print_citation(self, report: TransferReport) -> None:
+        if report.citation:
+            self.print_to_log_file(report.citation, also_print_to_console=True)
 
     # ---------------------------------------------------------------- nnU-Net hooks
     def on_train_start(self):

@@ -45,6 +45,7 @@ class MACLConfig:
     translation: float = 0.1
     crop_size: tuple[int, ...] | None = None  # default: the plan's patch size made divisible
     patches_per_case: int = 8  # 3-D configurations only
+    sampling: str = "proportional"  # several datasets: "proportional" to their sizes or "balanced"
     seed: int = 12345
     num_workers: int = 2
     save_every: int = 5
@@ -107,6 +108,8 @@ def validate(cfg: MACLConfig) -> None:
                           "(--decoder-blocks 0 or --global-on-encoder)")
     if cfg.positives not in ("position", "instance"):
         raise ConfigError(f"positives must be 'position' or 'instance', got {cfg.positives!r}")
+    if cfg.sampling not in ("proportional", "balanced"):
+        raise ConfigError(f"--sampling must be 'proportional' or 'balanced', got {cfg.sampling!r}")
     if cfg.save_every < 1:
         raise ConfigError(f"--save-every must be >= 1, got {cfg.save_every}")
     if cfg.two_stage and cfg.epochs < 2:

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import nnunetv2_macl
 from nnunetv2_macl.data.augmentation import RandomIntensityTransform, RandomSpatialTransform
+from nnunetv2_macl.data.multi_dataset import MultiSourceDataset, datasets_file, describe_sources, make_sampler
 from nnunetv2_macl.data.slice_dataset import (
-    DatasetError, EpochPermutationSampler, PretrainPatchDataset, PretrainSliceDataset)
+    DatasetError, PretrainPatchDataset, PretrainSliceDataset)
 from nnunetv2_macl.losses import MultiLevelContrastiveLoss
 from nnunetv2_macl.model.macl_network import (
     MACLNetwork, crop_problems, fitting_crop_size, pretrained_prefixes, required_divisor)
@@ -32,6 +33,7 @@ from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_metho
 from nnunetv2_macl.training.diagnostics import (
     contrastive_chance, diagnostic_indices, embedding_diagnostics, format_diagnostics, is_collapsed)
 from nnunetv2_macl.training.progress import plot_progress
+from nnunetv2_macl.transfer.identity import checkpoint_identity
 
 PRETRAINER_NAME = "MACLPretrainer"
 # per-epoch values in self.logging (and the checkpoint): losses, lr, time, and the collapse diagnostics
@@ -146,11 +148,14 @@ class MACLPretrainer:
         output_folder: where checkpoints and logs go.
         config: :class:`MACLConfig`.
         device: torch device.
+        sources: (dataset name, preprocessed data folder) of every dataset to pretrain on, when
+            several (checked compatible with the plans beforehand, ``data.multi_dataset``);
+            default: the plans' own dataset.
     """
 
     def __init__(self, plans: dict, configuration: str, dataset_json: dict, preprocessed_dataset_folder: str,
                  output_folder: str, config: MACLConfig, device: torch.device = torch.device("cpu"),
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, sources: list[tuple[str, str]] | None = None) -> None:
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
         self.config = resolve_method(config)
@@ -164,6 +169,7 @@ class MACLPretrainer:
         self.dataset_name = plans.get("dataset_name", os.path.basename(preprocessed_dataset_folder))
         self.preprocessed_dataset_folder = preprocessed_dataset_folder
         self.data_folder = os.path.join(preprocessed_dataset_folder, self.configuration_manager.data_identifier)
+        self.sources = list(sources) if sources else [(self.dataset_name, self.data_folder)]
         self.output_folder = output_folder
         self.device = device
         self.rank, self.world_size = rank, world_size
@@ -184,11 +190,13 @@ class MACLPretrainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         random.seed(cfg.seed)
-        if not os.path.isdir(self.data_folder):
+        for source_name, source_folder in self.sources:
+            if os.path.isdir(source_folder):
+                continue
             raise DatasetError(
-                f"Dataset {self.dataset_name} is not preprocessed for configuration {self.configuration_name!r} "
-                f"(missing {self.data_folder}). Run: nnUNetv2_preprocess -d "
-                f"{int(self.dataset_name[7:10]) if self.dataset_name[7:10].isdigit() else '<ID>'} "
+                f"Dataset {source_name} is not preprocessed for configuration {self.configuration_name!r} "
+                f"(missing {source_folder}). Run: nnUNetv2_preprocess -d "
+                f"{int(source_name[7:10]) if source_name[7:10].isdigit() else '<ID>'} "
                 f"-c {self.configuration_name}"
                 + (f" -plans_name {self.plans_manager.plans_name}" if self.plans_manager.plans_name != "nnUNetPlans"
                    else ""))
@@ -259,16 +267,27 @@ class MACLPretrainer:
         return fitting_crop_size(self.network, self.config.decoder_blocks, self.configuration_manager.patch_size)
 
     def get_dataset(self):
+        """One slice/patch dataset per source (positions per volume), concatenated when several."""
+        parts = [self.get_source_dataset(folder) for _, folder in self.sources]
+        if len(parts) == 1:
+            return parts[0]
+        return MultiSourceDataset([name for name, _ in self.sources], parts)
+
+    def get_source_dataset(self, data_folder: str):
         ndim = len(self.configuration_manager.patch_size)
         if ndim == 2:
             # instance positives (SimCLR) never use positions: single-slice cases are fine for them
-            return PretrainSliceDataset(self.data_folder, self.crop_size, seed=self.config.seed,
+            return PretrainSliceDataset(data_folder, self.crop_size, seed=self.config.seed,
                                         allow_single_slice=self.config.positives == "instance")
-        return PretrainPatchDataset(self.data_folder, self.crop_size, patches_per_case=self.config.patches_per_case,
+        return PretrainPatchDataset(data_folder, self.crop_size, patches_per_case=self.config.patches_per_case,
                                     seed=self.config.seed)
 
+    def source_summary(self) -> list[dict]:
+        """Every dataset of this pretraining with its number of samples and share of an epoch."""
+        return describe_sources(self.dataset, [name for name, _ in self.sources], self.config.sampling)
+
     def get_dataloader(self) -> DataLoader:
-        self.sampler = EpochPermutationSampler(len(self.dataset), self.config.seed, self.rank, self.world_size)
+        self.sampler = make_sampler(self.dataset, self.config.sampling, self.config.seed, self.rank, self.world_size)
         workers = self.config.num_workers
         # (epoch, index) items: persistent workers hold stale dataset copies, the epoch travels with the index
         return DataLoader(_EpochTaggedDataset(self.dataset), batch_size=self.config.batch_size,
@@ -339,6 +358,14 @@ class MACLPretrainer:
                 + (f", autocast {self.amp_dtype}" if self.amp_dtype else ""))
             with open(os.path.join(self.output_folder, "macl_config.json"), "w") as f:
                 json.dump(self.config.to_dict(), f, indent=2)
+            if len(self.sources) > 1:
+                parts = [f"{d['dataset_name']} {d['samples']} samples, share {d['share']:.1%}"
+                         for d in self.source_summary()]
+                self.print_to_log_file(f"Datasets (sampling {cfg.sampling}): " + ", ".join(parts))
+            # read by the fine-tuning's default lookup, so that every dataset trained on finds this run
+            with open(datasets_file(self.output_folder), "w") as f:
+                json.dump({"plans_identifier": self.plans_manager.plans_name, "configuration": self.configuration_name,
+                           "datasets": self.source_summary()}, f, indent=2)
 
     def remove_stale_temporary_checkpoints(self) -> None:
         """A run killed while writing a checkpoint leaves its temporary file (never a half-written
@@ -544,6 +571,7 @@ class MACLPretrainer:
             "epoch": int(self.current_epoch),
             "package_version": nnunetv2_macl.__version__,
             "config": cfg.to_dict(),
+            "datasets": self.source_summary(),
         }
 
     def save_checkpoint(self, path: str) -> None:
@@ -555,6 +583,7 @@ class MACLPretrainer:
                 f"Non-finite weights after epoch {self.current_epoch}/{self.config.epochs} ({_first(bad, 3)}); "
                 f"not writing {path}, the previous checkpoint is kept. Try a lower --lr.")
         ckpt = {
+            **checkpoint_identity(),  # format, format_version, citation
             "network_weights": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
             "macl": self.macl_metadata(),
             "heads": {k: v.detach().cpu() for k, v in self.macl.heads_state_dict().items()},

@@ -1,4 +1,5 @@
-"""Pretrained checkpoint -> nnU-Net network: lenient, reported transfer with input-channel adaptation."""
+"""Pretrained checkpoint -> nnU-Net network: lenient, reported transfer; input channels, kernel sizes
+and depth adapted across plans."""
 from nnunetv2_macl.transfer.find_checkpoint import CheckpointNotFoundError, find_default_checkpoint
 from nnunetv2_macl.transfer.load_pretrained import (
     IncompatibleCheckpointError,

@@ -6,13 +6,15 @@ The pretraining run (``macl_pretrain -d ID -c CONF -p PLANS``) writes to
 Pretrainer variants (``MACLPretrainer_<something>``, e.g. a PCL or SimCLR baseline) live next to
 it; they are candidates too, so that a default that is ambiguous is reported instead of guessed.
 
-The lookup is per dataset. To fine-tune on dataset B with weights pretrained on dataset A (plans
-shared through ``nnUNetv2_move_plans_between_datasets``), name the checkpoint explicitly with
-``MACL_PRETRAINED=/path/to/checkpoint_final.pth``.
+A pretraining over several datasets (``macl_pretrain -d 501 502``) lives under the first one and
+lists all of them in its ``pretraining_datasets.json``; the lookup for any of those datasets finds
+it there. To fine-tune on a dataset the pretraining did not see, name the checkpoint explicitly with
+``MACL_PRETRAINED=/path/to/checkpoint_final.pth`` (the plans may differ: see ``load_pretrained``).
 """
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 PRETRAINER_NAME = "MACLPretrainer"
@@ -32,6 +34,28 @@ def candidate_folders(results_root: str, dataset_name: str, plans_identifier: st
     return sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
 
 
+def folders_trained_on(results_root: str, dataset_name: str, plans_identifier: str, configuration: str) -> list[str]:
+    """``MACLPretrainer*__<plans>__<configuration>`` folders of *other* datasets whose
+    ``pretraining_datasets.json`` lists ``dataset_name`` (multi-dataset pretrainings), sorted."""
+    from nnunetv2_macl.data.multi_dataset import DATASETS_FILE
+
+    pattern = os.path.join(glob.escape(results_root), "*", f"{PRETRAINER_NAME}*__{glob.escape(plans_identifier)}__"
+                                                           f"{glob.escape(configuration)}", DATASETS_FILE)
+    found = []
+    for listing in sorted(glob.glob(pattern)):
+        folder = os.path.dirname(listing)
+        if os.path.basename(os.path.dirname(folder)) == dataset_name:
+            continue  # the dataset's own folders are candidates anyway
+        try:
+            with open(listing) as f:
+                names = [d.get("dataset_name") for d in json.load(f).get("datasets", [])]
+        except (OSError, ValueError, AttributeError):
+            continue  # not ours or unreadable: it cannot claim this dataset
+        if dataset_name in names:
+            found.append(folder)
+    return found
+
+
 def find_default_checkpoint(dataset_name: str, plans_identifier: str, configuration: str) -> str:
     """Return the absolute path of the one ``checkpoint_final.pth`` of a MACL pretraining of this dataset.
 
@@ -48,6 +72,7 @@ def find_default_checkpoint(dataset_name: str, plans_identifier: str, configurat
         raise CheckpointNotFoundError(
             f"Cannot look up the default MACL checkpoint: the environment variable nnUNet_results is not set. {how}")
     folders = candidate_folders(results_root, dataset_name, plans_identifier, configuration)
+    folders += folders_trained_on(results_root, dataset_name, plans_identifier, configuration)
     finals = [os.path.abspath(os.path.join(f, FINAL_CHECKPOINT)) for f in folders
               if os.path.isfile(os.path.join(f, FINAL_CHECKPOINT))]
     expected = os.path.join(results_root, dataset_name,

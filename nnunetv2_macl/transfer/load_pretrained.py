@@ -8,9 +8,19 @@ initialisation. A checkpoint without a ``macl`` block (e.g. an nnU-Net ``checkpo
 given to ``-pretrained_weights``) is treated the way nnU-Net treats it: everything except the
 segmentation layers is a candidate.
 
+Across plans (pretrained with plan A, fine-tuned with plan B of the same architecture class):
+encoder stages are matched from the top (stage i of A <-> stage i of B, the same resolution
+level); decoder stages are matched by the encoder stage they join, so when A is deeper by d stages
+``decoder.stages.j`` of B takes ``decoder.stages.{j+d}`` of A (and stages A has and B lacks are
+left unused, stages B has and A lacks keep their initialisation). Tensors of equal shape load;
+convolution kernels of another spatial size are adapted (:func:`adapt_kernel`: an axis shrunk to 1
+is summed over, an axis grown is zero-padded around the pretrained kernel, which keeps its
+response exactly; transposed-convolution kernels, whose size is the stride, are averaged /
+repeated).
+
 Every tensor of the network is accounted for in a :class:`TransferReport`: loaded, adapted (the
-first convolution when the number of input channels differs) or skipped with the reason
-("not pretrained", "shape mismatch", "missing in checkpoint"). When nothing, or less than
+first convolution when the number of input channels differs, kernels of another size) or skipped
+with the reason ("not pretrained", "shape mismatch", "missing in checkpoint"). When nothing, or less than
 ``min_fraction`` of the encoder's tensors, fits, :class:`IncompatibleCheckpointError` is raised and
 the network is left untouched, so that a wrong checkpoint never turns silently into training from
 scratch.
@@ -24,6 +34,7 @@ Parameter aliases: nnU-Net's networks expose one tensor under several state_dict
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -32,6 +43,8 @@ import torch
 from torch import nn
 
 from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint
+from nnunetv2_macl.transfer.identity import (
+    UnsupportedCheckpointFormatError, checkpoint_format_version, citation_text)
 
 SEG_LAYER_MARK = "seg_layers."
 ENCODER_PREFIX = "encoder."
@@ -40,6 +53,9 @@ REASON_NOT_PRETRAINED = "not pretrained"
 REASON_SEG_HEAD = "not pretrained (segmentation head, kept at initialisation)"
 REASON_SHAPE = "shape mismatch"
 REASON_MISSING = "missing in checkpoint"
+
+_DECODER_STAGE = re.compile(r"^decoder\.(stages|transpconvs)\.(\d+)\.(.*)$")
+_ENCODER_STAGE = re.compile(r"^encoder\.stages\.(\d+)\.")
 
 
 class IncompatibleCheckpointError(RuntimeError):
@@ -101,6 +117,10 @@ class TransferReport:
     encoder_total: int = 0
     pretrained_prefixes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    #: what to print so that users cite the method (empty for checkpoints that are not MACL's)
+    citation: str = ""
+    #: the checkpoint's format version (0: not a MACL pretraining checkpoint; 1: before versioning)
+    format_version: int = 0
 
     @property
     def num_total(self) -> int:
@@ -137,7 +157,8 @@ class TransferReport:
                 lines.append(f"  skipped ({kind}): {_compress_keys(keys)}")
         if self.unused_checkpoint_keys:
             lines.append(f"  {len(self.unused_checkpoint_keys)} checkpoint tensors have no counterpart in the "
-                         f"network: {_compress_keys(self.unused_checkpoint_keys)}")
+                         f"network (skipped, e.g. stages this network lacks): "
+                         f"{_compress_keys(self.unused_checkpoint_keys)}")
         for n in self.notes:
             lines.append(f"  note: {n}")
         return "\n".join(lines)
@@ -269,6 +290,109 @@ def adapt_input_channels(weight: torch.Tensor, in_new: int) -> tuple[torch.Tenso
     return w, how
 
 
+def adapt_kernel(weight: torch.Tensor, kernel: tuple[int, ...], transposed: bool = False,
+                 shrink: str = "sum") -> tuple[torch.Tensor, str]:
+    """Adapt a (transposed-)convolution weight ``[a, b, *k_pre]`` to the spatial kernel size ``kernel``.
+
+    Convolutions, per axis: shrinking to 1 sums the taps along that axis (``shrink="sum"``; the
+    response to an input that is constant along the axis is kept; ``"mean"`` differs by a factor
+    the instance norm after every nnU-Net convolution removes; ``"centre"`` keeps the central tap);
+    shrinking to another odd size keeps the central taps; growing zero-pads the pretrained kernel in
+    the centre (its response on each input is unchanged). Transposed convolutions (kernel = stride):
+    shrinking to 1 averages the taps, growing from 1 repeats the tap (nearest-neighbour upsampling).
+    Raises ``ValueError`` for a change without such a rule (e.g. an even difference of conv sizes).
+    """
+    if shrink not in ("sum", "mean", "centre"):
+        raise ValueError(f"shrink must be 'sum', 'mean' or 'centre', got {shrink!r}")
+    w = weight.detach().float()
+    pre = tuple(int(k) for k in w.shape[2:])
+    if len(pre) != len(kernel):
+        raise ValueError(f"kernel {list(pre)} and {list(kernel)} have different dimensionality")
+    for axis, (kp, kt) in enumerate(zip(pre, kernel)):
+        dim = 2 + axis
+        if kp == kt:
+            continue
+        if transposed:
+            if kt == 1:
+                w = w.mean(dim=dim, keepdim=True)
+            elif kp == 1:
+                w = w.repeat_interleave(kt, dim=dim)
+            else:
+                raise ValueError(f"transposed-convolution kernel {kp} -> {kt} along axis {axis}")
+        elif kt < kp:
+            if kt == 1 and shrink != "centre":
+                w = w.sum(dim=dim, keepdim=True) if shrink == "sum" else w.mean(dim=dim, keepdim=True)
+            elif (kp - kt) % 2 == 0:
+                w = w.narrow(dim, (kp - kt) // 2, kt)
+            else:
+                raise ValueError(f"kernel {kp} -> {kt} along axis {axis} (no centred crop)")
+        else:
+            if (kt - kp) % 2:
+                raise ValueError(f"kernel {kp} -> {kt} along axis {axis} (no centred padding)")
+            pad = [0, 0] * (w.ndim - 2)
+            side = (kt - kp) // 2
+            pad[2 * (w.ndim - 1 - dim)] = pad[2 * (w.ndim - 1 - dim) + 1] = side
+            w = torch.nn.functional.pad(w, pad)
+    rule = ("taps averaged / repeated (transposed convolution)" if transposed else
+            {"sum": "summed over shrunk axes, zero-padded around the pretrained kernel on grown axes",
+             "mean": "averaged over shrunk axes, zero-padded on grown axes",
+             "centre": "central taps kept on shrunk axes, zero-padded on grown axes"}[shrink])
+    return w, f"kernel {list(pre)} -> {list(kernel)}: {rule}"
+
+
+def stage_depth_offset(checkpoint_keys: Iterable[str], network_keys: Iterable[str]) -> int:
+    """(encoder stages of the checkpoint) - (encoder stages of the network); 0 when either has none."""
+    def depth(keys):
+        found = [int(m.group(1)) for k in keys if (m := _ENCODER_STAGE.match(k))]
+        return max(found) + 1 if found else 0
+
+    a, b = depth(checkpoint_keys), depth(network_keys)
+    return a - b if a and b else 0
+
+
+def checkpoint_key_for(network_key: str, depth_offset: int) -> str | None:
+    """The checkpoint key holding the counterpart of ``network_key``: decoder stages are matched by
+    the encoder stage they join (``decoder.stages.j`` <- ``decoder.stages.{j + offset}``); None for a
+    decoder stage the checkpoint's (shallower) network does not have."""
+    if depth_offset:
+        m = _DECODER_STAGE.match(network_key)
+        if m:
+            j = int(m.group(2)) + depth_offset
+            return f"decoder.{m.group(1)}.{j}.{m.group(3)}" if j >= 0 else None
+    return network_key
+
+
+def _storage_id(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) \
+        if t.numel() else (id(t),)
+
+
+def _adapt(value: torch.Tensor, target: torch.Tensor, is_first_conv: bool,
+           transposed: bool) -> tuple[torch.Tensor | None, str]:
+    """A checkpoint tensor reshaped to the network's tensor by the rules of :func:`adapt_kernel` and
+    :func:`adapt_input_channels`; (None, why not) when no rule applies."""
+    if value.ndim != target.ndim or value.ndim not in (4, 5):
+        return None, ""
+    channel_axis = 0 if transposed else 1  # ConvTranspose weights are [in, out, *k]
+    other_axis = 1 - channel_axis
+    if value.shape[other_axis] != target.shape[other_axis]:
+        return None, ""
+    if value.shape[channel_axis] != target.shape[channel_axis] and not (is_first_conv and not transposed):
+        return None, ""
+    steps = []
+    w = value.detach().float()
+    if tuple(w.shape[2:]) != tuple(target.shape[2:]):
+        try:
+            w, how = adapt_kernel(w, tuple(int(k) for k in target.shape[2:]), transposed=transposed)
+        except ValueError as e:
+            return None, f"no kernel adaptation rule: {e}"
+        steps.append(how)
+    if w.shape[1] != target.shape[1]:
+        w, how = adapt_input_channels(w, int(target.shape[1]))
+        steps.append(how)
+    return w, "; ".join(steps)
+
+
 def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_fraction: float = 0.5,
                                 log: Callable[..., object] | None = print) -> TransferReport:
     """Copy the pretrained tensors of ``checkpoint`` into ``network`` (in place) and report what happened.
@@ -285,12 +409,17 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
         checkpoint = load_weights_only(source)
     if not isinstance(checkpoint, dict):
         raise IncompatibleCheckpointError(f"Expected a checkpoint dict or path, got {type(checkpoint).__name__}")
+    try:
+        format_version = checkpoint_format_version(checkpoint)
+    except UnsupportedCheckpointFormatError as e:
+        raise IncompatibleCheckpointError(f"{source}: {e}") from None
     weights, meta = _split_checkpoint(checkpoint)
     mod = unwrap_network(network)
     groups, tensors = _alias_groups(mod)
     prefixes = pretrained_prefixes_from_meta(meta)
 
-    report = TransferReport(source=source, pretrained_prefixes=prefixes)
+    report = TransferReport(source=source, pretrained_prefixes=prefixes, format_version=format_version,
+                            citation=citation_text(checkpoint))
     if meta:
         arch = str(meta.get("network_arch_class_name", ""))
         if arch and arch.split(".")[-1] != type(mod).__name__:
@@ -305,47 +434,65 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
         in_pre = int(weights[first_conv].shape[1])
 
     to_copy: list[tuple[torch.Tensor, torch.Tensor]] = []
-    used_ckpt_keys: set[str] = set()
+    counterparts: set[str] = set()  # checkpoint keys some network tensor maps to
     mismatches: list[str] = []  # human-readable, encoder first
     enc_keys = [c for c, names in groups.items() if any(n.startswith(ENCODER_PREFIX) for n in names)]
     if not enc_keys:  # an architecture without an 'encoder.' submodule: judge on all non-head tensors
         enc_keys = [c for c, names in groups.items() if not any(SEG_LAYER_MARK in n for n in names)]
     enc_set = set(enc_keys)
+    offset = stage_depth_offset(weights, (n for names in groups.values() for n in names))
+    if offset:
+        report.notes.append(
+            f"the checkpoint's network has {abs(offset)} encoder stage(s) {'more' if offset > 0 else 'fewer'} than "
+            f"this one: encoder stages matched from the top, decoder.stages.j / decoder.transpconvs.j taken from "
+            f"the checkpoint's index j{offset:+d} (the stage joining the same encoder stage)")
 
     for canon, names in groups.items():
-        for n in names:
-            if n in weights:
-                used_ckpt_keys.add(n)
+        mapped = {n: checkpoint_key_for(n, offset) for n in names}
+        ck_names = [m for m in mapped.values() if m is not None]
+        counterparts.update(ck_names)
         if any(n.startswith(SEG_LAYER_MARK) or ("." + SEG_LAYER_MARK) in n for n in names):
             report.skipped[canon] = REASON_SEG_HEAD
             continue
-        if prefixes is not None and not any(n.startswith(p) for n in names for p in prefixes):
+        if not ck_names:
+            report.skipped[canon] = (f"{REASON_MISSING} (a decoder stage the checkpoint's shallower network lacks; "
+                                     f"kept at initialisation)")
+            continue
+        if prefixes is not None and not any(m.startswith(p) for m in ck_names for p in prefixes):
             report.skipped[canon] = f"{REASON_NOT_PRETRAINED} (outside the checkpoint's pretrained prefixes)"
             continue
-        ck = next((n for n in names if n in weights), None)
+        ck = next((m for m in ck_names if m in weights), None)
         target = tensors[canon]
         if ck is None:
             report.skipped[canon] = REASON_MISSING
             mismatches.append(f"{canon} (missing in checkpoint)")
             continue
         value = weights[ck]
+        renamed = f" (from {ck})" if ck not in names else ""
         if tuple(value.shape) == tuple(target.shape):
             to_copy.append((target, value))
             report.loaded.append(canon)
+            if renamed:
+                report.adapted[canon] = "taken" + renamed
             continue
-        if (ck == first_conv and value.ndim == target.ndim and value.shape[0] == target.shape[0]
-                and tuple(value.shape[2:]) == tuple(target.shape[2:]) and value.shape[1] != target.shape[1]):
-            adapted, how = adapt_input_channels(value.detach().float(), int(target.shape[1]))
+        adapted, how = _adapt(value, target, is_first_conv=ck == first_conv, transposed="transpconvs." in ck)
+        if adapted is not None:
             to_copy.append((target, adapted))
             report.loaded.append(canon)
-            report.adapted[canon] = how
+            report.adapted[canon] = how + renamed
             continue
         report.skipped[canon] = (f"{REASON_SHAPE} (checkpoint {list(value.shape)} vs network "
-                                 f"{list(target.shape)})")
+                                 f"{list(target.shape)}{'; ' + how if how else ''})")
         mismatches.append(f"{canon} (checkpoint {list(value.shape)} vs network {list(target.shape)})")
 
-    all_names = {n for names in groups.values() for n in names}
-    report.unused_checkpoint_keys = [k for k in weights if k not in all_names]
+    # a checkpoint tensor saved under several alias keys (shared storage) is listed once
+    covered = {_storage_id(weights[k]) for k in counterparts if k in weights}
+    seen_unused: set = set()
+    for k, v in weights.items():
+        sid = _storage_id(v)
+        if k not in counterparts and sid not in covered and sid not in seen_unused:
+            seen_unused.add(sid)
+            report.unused_checkpoint_keys.append(k)
     report.encoder_total = len(enc_keys)
     report.encoder_loaded = sum(1 for k in report.loaded if k in enc_set)
 
@@ -359,10 +506,10 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
         raise IncompatibleCheckpointError(
             f"Pretrained checkpoint {source} does not fit the network{arch}: only {report.encoder_loaded} of "
             f"{report.encoder_total} encoder tensors ({frac:.0%}; required {min_fraction:.0%}) and "
-            f"{len(report.loaded)} tensors in total match by name and shape. First mismatched keys: {shown}.{extra} "
-            f"Pretrain with the same plans and configuration (for another dataset: "
-            f"nnUNetv2_move_plans_between_datasets) or choose another checkpoint. Refusing to continue instead "
-            f"of silently training from scratch.")
+            f"{len(report.loaded)} tensors in total match by name and shape (after kernel-size and stage "
+            f"adaptation). First mismatched keys: {shown}.{extra} Pretrain with the same architecture class and "
+            f"feature widths (for another dataset: nnUNetv2_move_plans_between_datasets) or choose another "
+            f"checkpoint. Refusing to continue instead of silently training from scratch.")
 
     with torch.no_grad():
         for target, value in to_copy:
@@ -416,7 +563,8 @@ def install_safe_nnunet_pretrained_loader() -> None:
 
 
 __all__ = [
-    "CheckpointError", "IncompatibleCheckpointError", "TransferReport", "adapt_input_channels",
+    "CheckpointError", "IncompatibleCheckpointError", "TransferReport", "adapt_input_channels", "adapt_kernel",
+    "checkpoint_key_for", "stage_depth_offset",
     "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
     "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
     "unwrap_network",
