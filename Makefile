@@ -22,8 +22,8 @@ venv: $(STAMP)
 # Re-installs only when the pins or the package metadata change.
 $(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -c $(CONSTRAINTS) torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/python -m pip install -c $(CONSTRAINTS) -e . pytest
+	$(VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/python -m pip install -q -c $(CONSTRAINTS) -e . pytest
 	touch $(STAMP)
 
 test: venv

@@ -64,7 +64,8 @@ def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Ten
 
     - cos_descriptor: mean pairwise cosine of the pooled image-level descriptors (auxiliary branch);
     - cos_projection: the same for the projections Z~g;
-    - Lg and Lg_chance = log(2B - 1) on this batch;
+    - Lg and Lg_chance = log(2B - 1) on this batch, and Ld and LER where the run uses them (so that
+      ``macl_diagnose --init`` against the final checkpoint shows each objective falling);
     - bottleneck_abs: mean absolute auxiliary bottleneck activation (what fine-tuning receives; LER
       must not shrink it).
     """
@@ -74,20 +75,24 @@ def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Ten
     was_training = macl.training
     macl.eval()  # the heads' BatchNorm uses its running statistics and is not updated by this batch
     try:
-        out = macl(images, v1, images, v2, need=("global", "descriptors", "equivariance"))
+        need = ("global", "descriptors", "equivariance") + (("dense",) if loss.weights[1] > 0 else ())
+        out = macl(images, v1, images, v2, need=need)
     finally:
         macl.train(was_training)
-    lg = loss.global_loss(out["global_dominant"], out["global_auxiliary"], positions)
-    return {
+    _, components = loss(out, positions, content)
+    result = {
         "cos_descriptor": mean_pairwise_cosine(out["descriptor_auxiliary"]),
         "cos_projection": mean_pairwise_cosine(out["global_auxiliary"]),
-        "Lg": float(lg),
+        "Lg": float(loss.global_loss(out["global_dominant"], out["global_auxiliary"], positions)),
         "Lg_chance": contrastive_chance(2 * images.shape[0]),
         "bottleneck_abs": float(out["bottleneck_auxiliary"].float().abs().mean()),
     }
+    result.update({name: float(components[name]) for name, w in zip(("Ld", "LER"), loss.weights[1:]) if w > 0})
+    return result
 
 
 def format_diagnostics(d: dict[str, float]) -> str:
+    others = "".join(f" | {name} {d[name]:.4f}" for name in ("Ld", "LER") if name in d)
     return (f"pooled-descriptor cosine {d['cos_descriptor']:.4f} | projection cosine {d['cos_projection']:.4f} | "
-            f"Lg {d['Lg']:.4f} vs chance log(2B-1) = {d['Lg_chance']:.4f} ({d['Lg'] / d['Lg_chance']:.3f} x) | "
+            f"Lg {d['Lg']:.4f} vs chance log(2B-1) = {d['Lg_chance']:.4f} ({d['Lg'] / d['Lg_chance']:.3f} x){others} | "
             f"mean |bottleneck| {d['bottleneck_abs']:.4f}")
