@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from nnunetv2_macl.errors import ConfigError
 
 METHODS = ("macl", "pcl", "simclr")
 DENSE_FORMS = ("supcon", "mse", "byol")
 ENCODER_MODES = ("shared", "independent", "ema")
-
-
-class ConfigError(ValueError):
-    """An option is invalid; the message says which and why."""
 
 
 @dataclass

@@ -30,12 +30,9 @@ from nnunetv2_macl.model.macl_network import (
 from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
 from nnunetv2_macl.training.progress import plot_progress
+from nnunetv2_macl.errors import NonFiniteLossError
 
 PRETRAINER_NAME = "MACLPretrainer"
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the component."""
 
 
 def output_folder_name(plans_identifier: str, configuration: str) -> str:

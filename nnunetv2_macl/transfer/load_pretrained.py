@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint
+from nnunetv2_macl.errors import IncompatibleCheckpointError
 
 SEG_LAYER_MARK = "seg_layers."
 ENCODER_PREFIX = "encoder."
@@ -40,10 +41,6 @@ REASON_NOT_PRETRAINED = "not pretrained"
 REASON_SEG_HEAD = "not pretrained (segmentation head, kept at initialisation)"
 REASON_SHAPE = "shape mismatch"
 REASON_MISSING = "missing in checkpoint"
-
-
-class IncompatibleCheckpointError(RuntimeError):
-    """The checkpoint does not fit the network (too few tensors match); the message names the keys."""
 
 
 # --------------------------------------------------------------------------------------------------
