@@ -25,6 +25,7 @@ setup(
             "macl_trainer_path=nnunetv2_macl.run.trainer_path:main",
             "macl_demo=nnunetv2_macl.demo.pipeline:main",
             "macl_prepare_unlabeled=nnunetv2_macl.run.prepare_unlabeled:main",
+            "macl_fewlabel=nnunetv2_macl.run.fewlabel:main",
         ]
     },
 )
