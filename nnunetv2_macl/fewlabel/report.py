@@ -20,8 +20,7 @@ import numpy as np
 
 from nnunetv2_macl.errors import FewLabelError, StepError
 from nnunetv2_macl.fewlabel import curves
-from nnunetv2_macl.fewlabel.runner import (MARKER, OK, Task, check_validation_cases, read_run_log, run_folder,
-                                           task_list)
+from nnunetv2_macl.fewlabel.runner import MARKER, OK, check_validation_cases, read_run_log, run_folder, task_list
 from nnunetv2_macl.fewlabel.settings import Arm, Settings
 from nnunetv2_macl.fewlabel.splits import read_splits, write_json
 from nnunetv2_macl.run.subprocess_steps import read_summary
@@ -55,7 +54,7 @@ def collect_runs(out: Path, dataset_name: str, s: Settings, plan: dict, run_log:
             check_validation_cases(t, folder, plan, file_ending)
             r = read_summary(summary, labels)
         except StepError as e:
-            excluded.append({"key": t.key, "reason": " ".join(str(e).split())[:160]})
+            excluded.append({"key": t.key, "reason": " ".join(str(e).split())[:300]})
             continue
         rows.append({"arm": t.arm.key, "label": t.arm.label, "method": t.method, "recipe": t.arm.recipe,
                      "budget": rec["budget"], "fold": rec["fold"], "index": rec["index"], "n_train": len(rec["train"]),

@@ -148,8 +148,9 @@ def check_validation_cases(task: Task, folder: Path, plan: dict, file_ending: st
     stems = sorted(c[: -len(file_ending)] if file_ending and c.endswith(file_ending) else c.split(".", 1)[0]
                    for c in got)
     if stems != want:
-        raise StepError(f"{summary} was validated on other cases than split {task.index} of splits_final.json "
-                        f"({len(got)} vs {len(want)} cases)")
+        raise StepError(f"validated on other cases than split {task.index} of splits_final.json ({len(got)} vs "
+                        f"{len(want)} cases; nnU-Net falls back to a random split for a fold it does not find): "
+                        f"{summary}")
 
 
 # ============================================================================================ running
