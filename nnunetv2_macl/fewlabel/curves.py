@@ -12,7 +12,6 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -20,9 +20,10 @@ def _read_volume(path: Path, transpose_forward: Sequence[int] = (0, 1, 2)) -> np
 
 def overlay_figure(ds: dict, plan: dict, rows: list[dict], folders: dict, budget: int, path: Path,
                    n_cases: int = 3, fold: int = 0) -> Path | None:
-    """Image, reference and each method's validation prediction on one slice of ``n_cases`` validation
+    """Image, reference and each arm's validation prediction on one slice of ``n_cases`` validation
     cases of ``fold`` at budget M (the slice with the most reference foreground); per-case Dice in the
-    titles. Returns ``None`` when no method has predictions for that (M, fold)."""
+    titles. ``folders``: ``{(arm label, split index): run folder}`` of the runs in the table. Returns
+    ``None`` when no arm has predictions for that (M, fold)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from nnunetv2_macl.errors import USER_ERRORS, FewLabelError, UsageError
+from nnunetv2_macl.errors import USER_ERRORS, UsageError
 from nnunetv2_macl.fewlabel.settings import Settings, validate
 
 DEFAULTS = dict(budgets=(4, 10, 20), folds=2, methods=("scratch", "macl"), recipe="stock", split="heldout", n_val=40,
