@@ -227,6 +227,16 @@ def test_report_table_spread_and_caption(fake_out):
     c = curves["2"]["MACL"][0]
     assert c["iterations"] == [5, 10] and c["pseudo_dice"] == pytest.approx([0.4, 0.5])   # mean of the classes
     assert c["final_iterations"] == 10 and c["final_dice"] == pytest.approx(0.69)
+    assert "pseudo-Dice gain in the last quarter" in md and "| 2 | MACL | 2 | – (run too short) |" in md
+
+
+def test_last_quarter_gain():
+    from nnunetv2_macl.fewlabel.curves import last_quarter_gain
+
+    flat = {"pseudo_dice": [0.1 * min(e, 10) / 10 for e in range(40)]}       # rises, then flat
+    rising = {"pseudo_dice": [e / 40 for e in range(40)]}
+    assert last_quarter_gain(flat) == pytest.approx(0.0) and last_quarter_gain(rising) == pytest.approx(0.25)
+    assert last_quarter_gain({"pseudo_dice": [0.5] * 9}) is None
 
 
 def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):

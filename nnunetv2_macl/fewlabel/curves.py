@@ -108,3 +108,14 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path, title: str =
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def last_quarter_gain(curve: dict, window: int = 5) -> float | None:
+    """Plateau check: mean pseudo-Dice of the last ``window`` epochs minus that of the ``window`` epochs
+    ending at three quarters of the run (EMA-free, so noisy; a gain below ~0.01 says "flat"). None when
+    the curve has fewer than ``2 * window`` epochs."""
+    y = np.asarray(curve["pseudo_dice"], dtype=float)
+    if y.size < 2 * window:
+        return None
+    q = int(round(0.75 * y.size))
+    return float(np.nanmean(y[-window:]) - np.nanmean(y[max(0, q - window):q]))

@@ -310,7 +310,7 @@ def write_report(out: str | os.PathLike, timings: dict | None = None) -> dict:
     table = markdown_table(agg, classes)
     text = caption(s, info, plan, excluded, agg)
     md = report / "fewlabel_table.md"
-    md.write_text(f"{table}\n\n{text}\n")
+    md.write_text(f"{table}\n\n{text}\n\n{plateau_table(json.loads(curve_data.read_text()))}\n")
     previous = report / "fewlabel_result.json"
     old_timings = json.loads(previous.read_text()).get("timings", {}) if previous.is_file() else {}
     result = {
@@ -347,12 +347,25 @@ def learning_curves(out: Path, dataset_name: str, s: Settings, plan: dict, run_l
         if per_arm:
             path = report / f"fewlabel_curves_M{b}.png"
             curves.plot_learning_curves(per_arm, path, f"{dataset_name}, M={b}: validation Dice vs fine-tuning "
-                                                       f"iterations (batch {s.finetune_batch_size or 'plans'})")
+                                                       f"iterations (batch {s.finetune_batch_size or 'of the plans'})")
             plots.append(str(path))
             data[str(b)] = per_arm
     path = report / "fewlabel_curves.json"
     write_json(path, data)
     return plots, path
+
+
+def plateau_table(curve_data: dict) -> str:
+    """Per budget and arm: the pseudo-Dice gained in the last quarter of the fine-tuning (mean over folds;
+    :func:`~nnunetv2_macl.fewlabel.curves.last_quarter_gain`), the plateau check of the protocol."""
+    lines = ["| M | arm | runs | pseudo-Dice gain in the last quarter (pp) |", "|---|---|---|---:|"]
+    for budget, per_arm in curve_data.items():
+        for label, runs in per_arm.items():
+            gains = [g for g in (curves.last_quarter_gain(r) for r in runs) if g is not None]
+            cell = f"{100 * float(np.mean(gains)):+.2f}" if gains else "– (run too short)"
+            lines.append(f"| {budget} | {label} | {len(runs)} | {cell} |")
+    return "Learning curves (`fewlabel_curves_M<M>.png`): plateau check, last 5 epochs vs the 5 before 3/4 of the run\n\n" \
+        + "\n".join(lines)
 
 
 def machine_description(device: str) -> str:
