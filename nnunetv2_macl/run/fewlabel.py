@@ -95,8 +95,10 @@ def settings_from_args(args: argparse.Namespace, base: dict) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = ", ".join(f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in DEFAULTS.items())
     p = argparse.ArgumentParser(prog="macl_fewlabel", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=f"Defaults of the protocol options: {defaults}; device cuda when available "
+                                       f"(None = the plans' batch size / nnU-Net's default).")
     p.add_argument("-d", dest="dataset", required=True, help="dataset id or name (planned and preprocessed)")
     p.add_argument("-c", dest="configuration", default="2d", help="nnU-Net configuration")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
