@@ -362,3 +362,26 @@ def test_macl_fewlabel_on_a_tiny_dataset_then_resume(tiny_dataset, nnunet_env):
     again = json.loads((out / "report" / "fewlabel_result.json").read_text())
     assert {r["status"] for r in again["run_log"]} == {"reused"}
     assert [r["dice_mean"] for r in again["runs"]] == [r["dice_mean"] for r in result["runs"]]
+
+
+def test_resume_moves_runs_when_split_indices_change(tmp_path):
+    """Adding a budget shifts the split indices: recorded runs follow their cases to the new fold_X."""
+    s_old = Settings(methods=("scratch",), budgets=(4, 20), folds=1)
+    s_new = Settings(methods=("scratch",), budgets=(4, 10, 20), folds=1)
+    cases = [f"case_{i:03d}" for i in range(40)]
+    out, name = tmp_path / "out", "Dataset981_Fake"
+    plan_old = make_splits(cases, s_old.budgets, 1, "heldout", 5)
+    for t in runner.task_list(s_old, plan_old):
+        folder = runner.task_folder(t, out, name, s_old)
+        folder.mkdir(parents=True)
+        write_json(folder / runner.TASK_FILE, runner.task_fingerprint(t, s_old, plan_old, cases))
+        (folder / "marker.txt").write_text(f"M={t.budget}")
+    plan_new = make_splits(cases, s_new.budgets, 1, "heldout", 5)
+    tasks = runner.task_list(s_new, plan_new)
+    moves = runner.relocate_runs(tasks, out, name, s_new, plan_new, cases)
+    assert moves == ["fold_1 -> fold_2"]                                   # M=20 moved from index 1 to 2
+    by_budget = {t.budget: runner.task_folder(t, out, name, s_new) for t in tasks}
+    assert (by_budget[20] / "marker.txt").read_text() == "M=20" and (by_budget[4] / "marker.txt").read_text() == "M=4"
+    assert not by_budget[10].exists()                                      # the new budget runs fresh
+    runner.plan_resume(tasks, out, name, s_new, plan_new, cases, resume=True)
+    assert [t.status for t in tasks] == ["pending"] * 3                    # nothing finished here: none reused

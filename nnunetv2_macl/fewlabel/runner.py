@@ -118,7 +118,13 @@ def task_folder(task: Task, out: Path, name: str, s: Settings) -> Path:
 
 def plan_resume(tasks: list[Task], out: Path, name: str, s: Settings, plan: dict, cases: list[str],
                 resume: bool) -> None:
-    """Mark tasks whose results are there and fit as "reused", those that can continue with ``--c``."""
+    """Mark tasks whose results are there and fit as "reused", those that can continue with ``--c``.
+
+    Split indices are positions (``m_index * n_folds + fold``), so adding a budget or a fold moves a
+    training to another ``fold_X``; a run recorded with a task's fingerprint elsewhere is moved to the
+    task's folder first (its cases are in the fingerprint, so it is the same training)."""
+    if resume:
+        relocate_runs([t for t in tasks if t.kind == "train"], out, name, s, plan, cases)
     for t in tasks:
         folder = task_folder(t, out, name, s)
         fp = task_fingerprint(t, s, plan, cases)
@@ -130,6 +136,33 @@ def plan_resume(tasks: list[Task], out: Path, name: str, s: Settings, plan: dict
         elif same and any((folder / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_final.pth")):
             t.extra["continue"] = True
         t.extra["fingerprint"] = fp
+
+
+def relocate_runs(tasks: list[Task], out: Path, name: str, s: Settings, plan: dict, cases: list[str]) -> list[str]:
+    """Move every recorded training whose fingerprint belongs to another task's folder there (two phases,
+    so that runs can swap places); returns the moves made, as "old -> new"."""
+    wanted = {json.dumps(task_fingerprint(t, s, plan, cases), sort_keys=True): task_folder(t, out, name, s)
+              for t in tasks}
+    found: dict[Path, Path] = {}
+    for parent in {f.parent for f in wanted.values()}:
+        for folder in parent.glob("fold_*") if parent.is_dir() else ():
+            fp = _recorded(folder)
+            target = wanted.get(json.dumps(fp, sort_keys=True)) if fp is not None else None
+            if target is not None and target != folder:
+                found[folder] = target
+    staged = []
+    for folder, target in found.items():
+        tmp = folder.with_name(folder.name + ".relocating")
+        folder.rename(tmp)
+        staged.append((tmp, target))
+    moves = []
+    for tmp, target in staged:
+        if target.exists():
+            shutil.rmtree(target)  # holds another setting's run (else it would have been staged as well)
+        tmp.rename(target)
+        moves.append(f"{tmp.name[:-len('.relocating')]} -> {target.name}")
+        say(f"--resume: moved the run of {target.parent.name}/{moves[-1]} (split indices changed)")
+    return moves
 
 
 def _validation_ok(task: Task, folder: Path, plan: dict, s: Settings) -> bool:
