@@ -1,7 +1,8 @@
 # nnunetv2_macl: build / test entry points (CI runs .ci/run -> `make test`).
 #   make venv       create $(VENV) with the pinned stack (constraints-ci.txt) + this package (editable)
-#   make test       full suite incl. the realdata tier (skips if ../shared/data is absent)
-#   make test-fast  everything except the realdata tier
+#   make test       full suite incl. the e2e and realdata tiers (skips if ../shared/data is absent);
+#                   prints the 20 slowest tests
+#   make test-fast  everything except the e2e and realdata tiers (one full pipeline, the demo, stays in)
 #   make demo       the end-to-end demo on the embedded synthetic dataset
 #   make clean      remove caches, build artefacts and demo/work outputs (keeps $(VENV))
 # Use an existing environment with e.g. `make test VENV=/path/to/venv`.
@@ -27,10 +28,10 @@ $(STAMP): setup.py $(CONSTRAINTS)
 	touch $(STAMP)
 
 test: venv
-	$(VENV)/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra --durations=20 $(PYTEST_ARGS)
 
 test-fast: venv
-	$(VENV)/bin/python -m pytest -q -ra -m "not realdata" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -ra --durations=20 -m "not realdata and not e2e" $(PYTEST_ARGS)
 
 demo: venv
 	$(VENV)/bin/macl_demo

@@ -26,6 +26,7 @@ setup(
             "macl_demo=nnunetv2_macl.demo.pipeline:main",
             "macl_prepare_unlabeled=nnunetv2_macl.run.prepare_unlabeled:main",
             "macl_diagnose=nnunetv2_macl.run.diagnose:main",
+            "macl_fewlabel=nnunetv2_macl.run.fewlabel:main",
         ]
     },
 )

@@ -43,10 +43,12 @@ def _pyplot():
 def lg_chance(batch_size: int, num_processes: int = 1) -> float:
     """Lg when all embeddings are equal: every anchor's softmax over its 2B - 1 others is uniform, so each
     positive contributes -log(1 / (2B - 1)); B = batch size x number of processes (the negatives)."""
+    from nnunetv2_macl.training.diagnostics import contrastive_chance
+
     b = int(batch_size) * int(num_processes)
     if b < 1:
         raise ValueError(f"batch size x processes must be >= 1, got {b}")
-    return math.log(2 * b - 1)
+    return contrastive_chance(2 * b)
 
 
 def label_colour(label: int) -> str:

@@ -27,7 +27,7 @@
 # not at all; the whole command ~8.5-9.5 min including the kit's installation. If fold 0 does not finish,
 # rerun with fewer iterations (--iters 10) or budgets (--budgets 4,20).
 #
-# Results: $WORKDIR/report (table, CSVs, plots, result json) and, when the device tool's $OUT is set, copies
+# Results: $WORKDIR/fewlabel/report (table, CSVs, plots, result json) and, when the device tool's $OUT is set, copies
 # of the main files there (else in ${WORKDIR}_out) plus fewlabel_report.tar.gz (report, logs, splits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,12 +63,12 @@ timeout -k 15 "$LIMIT_S" "$PY" pretrain/fewlabel_benchmark.py --profile gpu --ra
   --device "$DEVICE" "$@" 2>&1 | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
 echo "# runner exit status $RC after $(( $(date +%s) - T0 )) s" | tee -a "$LOG"
-if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ] || [ ! -f "$WORKDIR/report/fewlabel_result.json" ]; then
+if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ] || [ ! -f "$WORKDIR/fewlabel/report/fewlabel_result.json" ]; then
   echo "# runner stopped before its report: rebuilding it from the finished runs" | tee -a "$LOG"
   "$PY" pretrain/fewlabel_benchmark.py --workdir "$WORKDIR" --report-only 2>&1 | tee -a "$LOG"
 fi
 
-R="$WORKDIR/report"
+R="$WORKDIR/fewlabel/report"
 for f in fewlabel_table.md fewlabel_summary.csv fewlabel_runs.csv fewlabel_result.json fewlabel_dice_vs_M.png; do
   [ -f "$R/$f" ] && [ "$DEST" != "$R" ] && cp "$R/$f" "$DEST/"
 done

@@ -151,31 +151,16 @@ def hippocampus_raw():
 def hippocampus_dataset(nnunet_env, hippocampus_raw, tmp_path_factory):
     """All 200 Hippocampus cases as Dataset504_Hippocampus, planned and preprocessed for 2d.
 
-    The shared copy has no ``imagesTs`` folder, which nnU-Net's MSD converter requires, so a
-    Decathlon-layout folder is assembled in a temp dir (symlinks to imagesTr/labelsTr, an empty
-    imagesTs, a copy of dataset.json) and converted from there. Measured on 2 cores: ~1 s
+    Converted in place with :func:`nnunetv2_macl.fewlabel.msd.convert_msd` (nnU-Net's MSD converter
+    through a folder of links; the shared copy has no ``imagesTs``). Measured on 2 cores: ~1 s
     conversion + ~20 s fingerprint/plan/preprocess, so no subset is needed.
     """
-    from nnunetv2.dataset_conversion.convert_MSD_dataset import convert_msd_dataset
     from nnunetv2_macl.demo.synthetic import plan_and_preprocess
+    from nnunetv2_macl.fewlabel.msd import convert_msd
 
     t0 = time.perf_counter()
-    src = tmp_path_factory.mktemp("msd") / "Task04_Hippocampus"  # the converter parses TaskXX_Name
-    src.mkdir()
-    for sub in ("imagesTr", "labelsTr"):
-        (src / sub).symlink_to(hippocampus_raw / sub, target_is_directory=True)
-    (src / "imagesTs").mkdir()
-    if (hippocampus_raw / "imagesTs").is_dir():
-        for f in (hippocampus_raw / "imagesTs").iterdir():
-            (src / "imagesTs" / f.name).symlink_to(f)
-    dataset_json = json.loads((hippocampus_raw / "dataset.json").read_text())
-    dataset_json.setdefault("test", [])
-    dataset_json.setdefault("training", [])
-    (src / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-
     dataset_id = 504
-    convert_msd_dataset(str(src), overwrite_target_id=dataset_id, num_processes=_NUM_PROCESSES)
-    name = f"Dataset{dataset_id:03d}_Hippocampus"
+    name = convert_msd(hippocampus_raw, dataset_id, tmp_path_factory.mktemp("msd"), num_processes=_NUM_PROCESSES)
     plan_and_preprocess(dataset_id, configurations=("2d",), num_processes=_NUM_PROCESSES)
     num_cases = len(list((nnunet_env["raw"] / name / "labelsTr").glob("*.nii.gz")))
     info = _dataset_info(dataset_id, name, "2d", nnunet_env, num_cases=num_cases)

@@ -171,6 +171,7 @@ def ext_trainer(monkeypatch):
     monkeypatch.delenv("MACL_PRETRAINED", raising=False)
 
 
+@pytest.mark.e2e
 def test_3d_pretraining_and_transfer(tiny_dataset_3d, nnunet_env, ext_trainer, monkeypatch):
     name = _unlabeled_copy(tiny_dataset_3d, Path(nnunet_env["preprocessed"]), UNLABELED_3D_ID, num_cases=2)
     proc = run_cli("nnunetv2_macl.run.pretrain", [
@@ -239,6 +240,7 @@ def test_resenc_shapes_and_stem(resenc_dataset, configuration):
     assert stem_keys and all(any(k.startswith(p) for p in pretrained_prefixes(2)) for k in stem_keys)
 
 
+@pytest.mark.e2e
 def test_resenc_pretraining_and_transfer_include_stem(resenc_dataset, nnunet_env, ext_trainer):
     proc = run_cli("nnunetv2_macl.run.pretrain", [
         "-d", str(RESENC_ID), "-c", "2d", "-p", RESENC_PLANS, "--device", "cpu", "--epochs", "1",

@@ -43,6 +43,7 @@ def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.mark.e2e
 def test_two_epoch_pretraining_without_labels(tiny_dataset, nnunet_env):
     name = make_unlabeled_copy(tiny_dataset, Path(nnunet_env["preprocessed"]), 992, num_cases=3)
     proc = run_cli(["-d", "992", "--device", "cpu", "--epochs", "2", "--batch-size", "8", "--num-workers", "0",
@@ -88,6 +89,7 @@ def test_two_epoch_pretraining_without_labels(tiny_dataset, nnunet_env):
                          r"log\(2B-1\) = 2.7081", diag.stdout), diag.stdout  # B = 8: log(15)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["pcl", "simclr"])
 def test_baseline_methods_run_and_record_method(tiny_dataset, nnunet_env, method):
     name = make_unlabeled_copy(tiny_dataset, Path(nnunet_env["preprocessed"]), 993 if method == "pcl" else 994, 2)

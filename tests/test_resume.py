@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from nnunetv2_macl.run.pretrain import main
@@ -70,6 +71,7 @@ def _all_weights(ckpt: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.e2e
 def test_kill9_then_resume_matches_uninterrupted_run(nnunet_env, tiny_dataset, tmp_path):
     straight = make_small_dataset(nnunet_env, tiny_dataset, 930)
     killed = make_small_dataset(nnunet_env, tiny_dataset, 931)

@@ -56,6 +56,9 @@ def _macl_checkpoint(plans_file, dataset_name, arch_class=None, arch_kwargs=None
     }
 
 
+pytestmark = pytest.mark.e2e  # stock nnUNetv2_train / _predict as subprocesses
+
+
 @pytest.fixture(scope="module")
 def cli(tiny_dataset, nnunet_env, tmp_path_factory):
     """Environment for the subprocesses and the checkpoints they use."""

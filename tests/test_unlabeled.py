@@ -94,6 +94,7 @@ def run_module(module: str, args: list[str]) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------ CT end to end
+@pytest.mark.e2e
 def test_ct_nifti_nrrd_dicom_to_nnunet_and_pretraining(nnunet_env, tmp_path):
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints, plan_experiments, preprocess)

@@ -18,13 +18,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from nnunetv2_macl.data.slice_dataset import DatasetError, EpochPermutationSampler
+from nnunetv2_macl.data.slice_dataset import EpochPermutationSampler
+from nnunetv2_macl.errors import IncompatibleDatasetsError
 
 SAMPLING_MODES = ("proportional", "balanced")
-
-
-class IncompatibleDatasetsError(DatasetError):
-    """A dataset of a multi-dataset pretraining cannot feed the network of the chosen plan."""
 
 
 def _dataset_id(dataset_name: str) -> str:

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from nnunetv2_macl.data.slice_dataset import DatasetError
+from nnunetv2_macl.errors import UnlabeledDataError
 
 MODALITIES = ("CT", "MRI")
 LABELS = {"CT": {"background": 0, "body": 1}, "MRI": {"background": 0, "foreground": 1}}
@@ -53,10 +54,6 @@ COMPANION_ENDINGS = (".raw", ".zraw", ".raw.gz")
 DEFAULT_CT_THRESHOLD = -500.0
 SOURCES_FILE = "macl_sources.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-class UnlabeledDataError(DatasetError):
-    """The input folder or the target dataset cannot be used; the message says why (and names the file)."""
 
 
 @dataclass

@@ -16,10 +16,7 @@ from torch.utils.data import Dataset
 
 from nnunetv2.training.dataloading.nnunet_dataset import (
     infer_dataset_class, nnUNetDatasetBlosc2, nnUNetDatasetNumpy)
-
-
-class DatasetError(ValueError):
-    """The preprocessed data cannot be used for pretraining; the message says why."""
+from nnunetv2_macl.errors import DatasetError
 
 
 def _open_image(dataset_class: type, folder: str, identifier: str):

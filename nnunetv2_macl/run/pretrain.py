@@ -13,12 +13,9 @@ import sys
 import torch
 
 from nnunetv2_macl.training.config import MACLConfig, resolve_method
+from nnunetv2_macl.errors import UsageError
 
 REQUIRED_ENV = ("nnUNet_preprocessed", "nnUNet_results")
-
-
-class UsageError(ValueError):
-    """Bad command-line input that is not a pretraining option (dataset, plans, environment)."""
 
 
 def _require_env(name: str) -> str:

@@ -16,15 +16,14 @@ import threading
 import time
 from pathlib import Path
 
+from nnunetv2_macl.errors import StepError
+
+
 def _say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
 _PROGRESS_BAR = re.compile(r"\d+/\d+ \[[0-9:<?]+")
-
-
-class StepError(RuntimeError):
-    """A step (subprocess) failed; the message says which and where to look."""
 
 
 @contextlib.contextmanager

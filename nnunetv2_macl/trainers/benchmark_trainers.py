@@ -22,9 +22,15 @@ variable                    default  meaning
                                      final full validation, which predicts every validation case)
 ``MACL_BENCH_SEED``         12345    seeds python's ``random``, numpy and torch (CPU and CUDA) in the
                                      trainer's process before the network is built
+``MACL_BENCH_SAVE_EVERY``   50       write ``checkpoint_latest.pth`` every K epochs (nnU-Net's
+                                     ``save_every``; what ``--c`` continues from)
 ``MACL_BENCH_BATCH``        (plans)  batch size; unset or empty = the plans' batch size (stock nnU-Net).
                                      Only for CPU-sized runs (Hippocampus 2d plans ask for 281 slices)
 ==========================  =======  ==================================================================
+
+Recipes: ``nnUNetTrainerMACL_bench`` / ``nnUNetTrainerScratch_bench`` use nnU-Net's stock recipe,
+``nnUNetTrainerMACL_warmup_bench`` / ``nnUNetTrainerScratch_warmup_bench`` the warm-up recipe of
+:mod:`nnunetv2_macl.trainers.schedules` (``MACL_FT_PEAK_LR``, ``MACL_FT_WARMUP_EPOCHS``).
 
 Seeding: stock nnU-Net trainings are not seeded. Here the training process is, so scratch and MACL runs
 start from the same random initialisation of every part that is not pretrained (with the same seed the
@@ -33,7 +39,7 @@ reproducible: nnU-Net's data augmentation runs in ``nnUNet_n_proc_DA`` worker pr
 unseeded random state, and cuDNN picks non-deterministic kernels.
 
 nnU-Net imports this file by path as a top-level module and returns the first attribute of a
-trainer's name that it meets, so only the two benchmark classes are public names here (base classes
+trainer's name that it meets, so only the benchmark classes are public names here (base classes
 are reached through underscore-prefixed module aliases, as in ``demo_trainers.py``).
 """
 from __future__ import annotations
@@ -48,12 +54,14 @@ import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _nnunet_trainer_module
 import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
 from nnunetv2_macl.trainers.env_schedule import EnvScheduleMixin as _EnvScheduleMixin
 from nnunetv2_macl.trainers.env_schedule import int_from_env as _int_from_env
+from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin as _FinetuneRecipeMixin
 
 BENCH_EPOCHS_ENV = "MACL_BENCH_EPOCHS"
 BENCH_ITERS_ENV = "MACL_BENCH_ITERS"
 BENCH_VAL_ITERS_ENV = "MACL_BENCH_VAL_ITERS"
 BENCH_SEED_ENV = "MACL_BENCH_SEED"
 BENCH_BATCH_ENV = "MACL_BENCH_BATCH"
+BENCH_SAVE_EVERY_ENV = "MACL_BENCH_SAVE_EVERY"
 DEFAULT_BENCH_SCHEDULE = {BENCH_EPOCHS_ENV: 50, BENCH_ITERS_ENV: 50, BENCH_VAL_ITERS_ENV: 10}
 DEFAULT_BENCH_SEED = 12345
 
@@ -80,6 +88,8 @@ class _BenchSchedule(_EnvScheduleMixin):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         seed = self.macl_bench_seed = bench_seed()
+        # checkpoint_latest.pth every K epochs: a run stopped between sessions continues from there (--c)
+        self.save_every = _int_from_env(BENCH_SAVE_EVERY_ENV, self.save_every, 1)
         _random.seed(seed)
         _np.random.seed(seed % 2 ** 32)
         torch.manual_seed(seed)
@@ -105,8 +115,24 @@ def bench_schedule() -> tuple[int, int, int]:
 
 
 class nnUNetTrainerMACL_bench(_BenchSchedule, _macl_trainer_module.nnUNetTrainerMACL):
-    """MACL fine-tuning with the benchmark schedule and seed (see module doc)."""
+    """MACL fine-tuning with the benchmark schedule and seed (see module doc), nnU-Net's stock recipe."""
+
+    finetune_recipe = "stock"
 
 
-class nnUNetTrainerScratch_bench(_BenchSchedule, _nnunet_trainer_module.nnUNetTrainer):
+class nnUNetTrainerScratch_bench(_BenchSchedule, _FinetuneRecipeMixin, _nnunet_trainer_module.nnUNetTrainer):
     """Scratch counterpart of :class:`nnUNetTrainerMACL_bench`: same schedule and seed, random initialisation."""
+
+    finetune_recipe = "stock"
+
+
+class nnUNetTrainerMACL_warmup_bench(nnUNetTrainerMACL_bench):
+    """:class:`nnUNetTrainerMACL_bench` with the warm-up recipe (:mod:`nnunetv2_macl.trainers.schedules`)."""
+
+    finetune_recipe = "warmup"
+
+
+class nnUNetTrainerScratch_warmup_bench(nnUNetTrainerScratch_bench):
+    """:class:`nnUNetTrainerScratch_bench` with the warm-up recipe (same as ``nnUNetTrainerMACL_warmup_bench``)."""
+
+    finetune_recipe = "warmup"

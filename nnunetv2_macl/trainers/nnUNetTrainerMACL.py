@@ -69,6 +69,7 @@ import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin
 from nnunetv2_macl.transfer.find_checkpoint import find_default_checkpoint
 from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
@@ -133,8 +134,12 @@ def paper_optimizers(trainer: nnUNetTrainer):
     return optimizer, scheduler
 
 
-class nnUNetTrainerMACL(nnUNetTrainer):
+class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
     """nnU-Net's trainer, initialised from MACL-pretrained encoder + decoder stages (see module doc)."""
+
+    #: ``stock`` or ``warmup`` (:mod:`nnunetv2_macl.trainers.schedules`); variants ``nnUNetTrainerMACL_stock``
+    #: and ``nnUNetTrainerMACL_warmup`` (``recipe_trainers.py``) fix either
+    finetune_recipe = "stock"
 
     #: refuse a checkpoint when fewer than this fraction of the encoder's tensors fit
     macl_min_fraction = 0.5

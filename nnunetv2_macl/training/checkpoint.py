@@ -18,12 +18,9 @@ import warnings
 from typing import Any
 
 import torch
+from nnunetv2_macl.errors import CheckpointError
 
 TMP_PREFIX = ".tmp_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read, written, or does not fit; the message says why in one line."""
 
 
 def _file_mode() -> int:

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from nnunetv2_macl.errors import ConfigError
 
 METHODS = ("macl", "pcl", "simclr")
 DENSE_FORMS = ("supcon", "mse", "byol")
 ENCODER_MODES = ("shared", "independent", "ema")
 GLOBAL_POOLINGS = ("max", "attention", "avg")  # nnunetv2_macl.model.projectors.GLOBAL_POOLINGS
-
-
-class ConfigError(ValueError):
-    """An option is invalid; the message says which and why."""
 
 
 @dataclass

@@ -34,15 +34,12 @@ from nnunetv2_macl.training.diagnostics import (
     contrastive_chance, diagnostic_indices, embedding_diagnostics, format_diagnostics, is_collapsed)
 from nnunetv2_macl.training.progress import plot_progress
 from nnunetv2_macl.transfer.identity import checkpoint_identity
+from nnunetv2_macl.errors import NonFiniteLossError
 
 PRETRAINER_NAME = "MACLPretrainer"
 # per-epoch values in self.logging (and the checkpoint): losses, lr, time, and the collapse diagnostics
 LOGGED_KEYS = ("epoch", "Lg", "Ld", "LER", "total", "lr", "epoch_time", "Lg_chance", "cos_descriptor",
                "cos_projection", "bottleneck_abs")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the component."""
 
 
 def output_folder_name(plans_identifier: str, configuration: str) -> str:

@@ -11,16 +11,14 @@ def _finite(values: list) -> bool:
 
 
 def plot_loss_curves(ax, logging: dict[str, list]) -> None:
-    """total, Lg, Ld, LER per epoch, and Lg's chance value log(2B-1) as a dashed line under Lg."""
-    epochs = [e + 1 for e in logging["epoch"]]
-    for key, style in (("total", "k-"), ("Lg", "b-"), ("Ld", "r-"), ("LER", "g-")):
-        ax.plot(epochs, logging[key], style, label=key, linewidth=3 if key == "total" else 2)
+    """total, Lg, Ld, LER per epoch with Lg's chance value log(2B-1) under Lg (the shared loss panel of
+    :mod:`nnunetv2_macl.figures`; logs of older versions have no chance values and get no line)."""
+    from nnunetv2_macl.figures import plot_pretraining_losses
+
     chance = logging.get("Lg_chance") or []
-    if len(chance) == len(epochs) and _finite(chance):
-        ax.plot(epochs, chance, "b--", linewidth=1.5, label="Lg at chance, log(2B-1)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend(loc="upper right")
+    usable = len(chance) == len(logging["epoch"]) and all(
+        isinstance(v, (int, float)) and math.isfinite(v) for v in chance)
+    plot_pretraining_losses(ax, logging, chance if usable else None)
 
 
 def plot_progress(logging: dict[str, list], path: str) -> None:

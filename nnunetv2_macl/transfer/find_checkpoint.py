@@ -16,14 +16,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+from nnunetv2_macl.errors import CheckpointNotFoundError
 
 PRETRAINER_NAME = "MACLPretrainer"
 FINAL_CHECKPOINT = "checkpoint_final.pth"
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """No (or no unambiguous) default MACL checkpoint; the message says what to do."""
 
 
 def candidate_folders(results_root: str, dataset_name: str, plans_identifier: str, configuration: str) -> list[str]:

@@ -10,6 +10,8 @@ Format versions:
 """
 from __future__ import annotations
 
+from nnunetv2_macl.errors import UnsupportedCheckpointFormatError
+
 CHECKPOINT_FORMAT = "nnunetv2_macl.pretraining"
 CHECKPOINT_FORMAT_VERSION = 2
 
@@ -19,10 +21,6 @@ CITATION = (
     "Zeng, D. et al., \"Positional Contrastive Learning for Volumetric Medical Image Segmentation\", "
     "MICCAI 2021",
 )
-
-
-class UnsupportedCheckpointFormatError(ValueError):
-    """The checkpoint was written by a newer, incompatible version of this package."""
 
 
 def checkpoint_identity() -> dict:

@@ -45,6 +45,7 @@ from torch import nn
 from nnunetv2_macl.training.checkpoint import CheckpointError, load_checkpoint
 from nnunetv2_macl.transfer.identity import (
     UnsupportedCheckpointFormatError, checkpoint_format_version, citation_text)
+from nnunetv2_macl.errors import IncompatibleCheckpointError
 
 SEG_LAYER_MARK = "seg_layers."
 ENCODER_PREFIX = "encoder."
@@ -56,10 +57,6 @@ REASON_MISSING = "missing in checkpoint"
 
 _DECODER_STAGE = re.compile(r"^decoder\.(stages|transpconvs)\.(\d+)\.(.*)$")
 _ENCODER_STAGE = re.compile(r"^encoder\.stages\.(\d+)\.")
-
-
-class IncompatibleCheckpointError(RuntimeError):
-    """The checkpoint does not fit the network (too few tensors match); the message names the keys."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,7 @@
+"""The few-label protocol on any nnU-Net dataset (``macl_fewlabel``; ``pretrain/fewlabel_benchmark.py``).
+
+``splits`` (held-out validation set, nested budgets), ``views`` (read-only views of a preprocessed
+dataset for the fine-tunings and the pretrainings), ``msd`` (Decathlon conversion), ``settings``,
+``runner`` (pretraining and fine-tuning tasks, resume, jobs), ``report`` (tables, CSV, Dice-vs-M plot),
+``curves`` (learning curves from nnU-Net's training logs), ``overlay`` (validation slices).
+"""

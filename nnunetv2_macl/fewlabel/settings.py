@@ -1,0 +1,138 @@
+"""Settings of a few-label run, its arms (method x fine-tuning recipe) and what ``--resume`` may keep."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from nnunetv2_macl.errors import FewLabelError
+from nnunetv2_macl.fewlabel.splits import SCHEMES
+from nnunetv2_macl.trainers.schedules import RECIPES
+
+METHODS = ("scratch", "macl", "pcl", "simclr")
+PRETRAIN_METHODS = ("macl", "pcl", "simclr")
+METHOD_LABELS = {"scratch": "scratch", "macl": "MACL", "pcl": "PCL", "simclr": "SimCLR"}
+TRAINERS = {("scratch", "stock"): "nnUNetTrainerScratch_bench", ("scratch", "warmup"): "nnUNetTrainerScratch_warmup_bench",
+            ("pretrained", "stock"): "nnUNetTrainerMACL_bench", ("pretrained", "warmup"): "nnUNetTrainerMACL_warmup_bench"}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One line of the table: a start (``method``) fine-tuned with a recipe (``stock``/``warmup``)."""
+
+    method: str
+    recipe: str
+
+    @property
+    def key(self) -> str:
+        return self.method if self.recipe == "stock" else f"{self.method}_{self.recipe}"
+
+    @property
+    def label(self) -> str:
+        name = METHOD_LABELS.get(self.method, self.method)
+        return name if self.recipe == "stock" else f"{name} ({self.recipe})"
+
+    @property
+    def trainer(self) -> str:
+        return TRAINERS[("scratch" if self.method == "scratch" else "pretrained", self.recipe)]
+
+    @property
+    def pretrained(self) -> bool:
+        return self.method in PRETRAIN_METHODS
+
+
+def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
+    """``scratch`` | ``macl`` | ``macl:warmup`` | ``scratch:warmup`` ... A plain pretrained method takes
+    ``default_recipe``; plain ``scratch`` is always nnU-Net's stock recipe (what users compare against)."""
+    method, _, recipe = text.strip().partition(":")
+    if method not in METHODS:
+        raise FewLabelError(f"unknown method {method!r} in {text!r} (methods: {', '.join(METHODS)}; a recipe "
+                            f"is added as method:recipe, recipes: {', '.join(RECIPES)})")
+    recipe = recipe or ("stock" if method == "scratch" else default_recipe)
+    if recipe not in RECIPES:
+        raise FewLabelError(f"unknown fine-tuning recipe {recipe!r} in {text!r} (recipes: {', '.join(RECIPES)})")
+    return Arm(method, recipe)
+
+
+@dataclass
+class Settings:
+    dataset_id: int = 981
+    source: dict = field(default_factory=dict)   # where the data came from (a changed source resets --resume)
+    configuration: str = "2d"
+    plans: str = "nnUNetPlans"
+    budgets: tuple[int, ...] = (2, 4)
+    folds: int = 1
+    methods: tuple[str, ...] = ("scratch", "macl")   # arms: method or method:recipe
+    recipe: str = "stock"                        # recipe of a plain pretrained method
+    split: str = "heldout"                       # "heldout" (the protocol) | "kfold" (earlier benchmark)
+    n_val: int | None = 40                       # validation cases (kfold: cap per fold, None = all)
+    n_splits: int = 5                            # kfold only
+    pretrain_on_all: bool = False                # pretraining also sees the validation cases' images
+    pretrain_epochs: int = 1
+    pretrain_batch_size: int = 8
+    pretrain_workers: int = 0
+    finetune_epochs: int = 2
+    iters: int = 4
+    val_iters: int = 1
+    finetune_batch_size: int | None = None       # None: the plans' batch size (stock nnU-Net)
+    warmup_epochs: int | None = None             # warm-up recipe: None = 5 % of the epochs
+    warmup_peak_lr: float | None = None          # warm-up recipe: None = 1e-3
+    save_every: int = 5                          # nnU-Net checkpoint every K epochs (resume granularity)
+    device: str = "cpu"
+    jobs: int = 1
+    procs: int | None = None
+    seed: int = 12345
+    deadline_min: float | None = None
+    hard_deadline_min: float | None = None
+    overlay_cases: int = 3
+    profile: str = "custom"
+
+    def arms(self) -> list[Arm]:
+        return [parse_arm(m, self.recipe) for m in self.methods]
+
+    def pretrain_methods(self) -> list[str]:
+        return [m for m in PRETRAIN_METHODS if any(a.method == m for a in self.arms())]
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+_DATASET_KEYS = ("source", "dataset_id", "configuration", "plans")
+
+
+def same_data(previous: Settings, current: Settings) -> bool:
+    """``--resume`` keeps a run folder only for the same data; within it, every pretraining and training
+    is reused (or continued) only if its own fingerprint is unchanged (see ``runner``)."""
+    p, c = previous.to_dict(), current.to_dict()
+    return all(p.get(k) == c.get(k) for k in _DATASET_KEYS)
+
+
+def validate(s: Settings) -> None:
+    arms = s.arms()
+    if not arms or len({a.key for a in arms}) != len(arms):
+        raise FewLabelError(f"methods must be distinct, got {s.methods}")
+    if s.recipe not in RECIPES:
+        raise FewLabelError(f"recipe must be one of {RECIPES}, got {s.recipe!r}")
+    if s.split not in SCHEMES:
+        raise FewLabelError(f"split must be one of {SCHEMES}, got {s.split!r}")
+    if not s.budgets or any(int(m) < 1 for m in s.budgets) or list(s.budgets) != sorted(set(s.budgets)):
+        raise FewLabelError(f"budgets must be distinct positive numbers in increasing order, got {s.budgets}")
+    if s.split == "kfold" and not 1 <= s.folds <= s.n_splits:
+        raise FewLabelError(f"folds must be in 1..n_splits ({s.n_splits}), got {s.folds}")
+    if s.device not in ("cpu", "cuda"):
+        raise FewLabelError(f"device must be 'cpu' or 'cuda', got {s.device!r}")
+    for name in ("folds", "pretrain_epochs", "pretrain_batch_size", "finetune_epochs", "iters", "val_iters", "jobs",
+                 "save_every"):
+        if int(getattr(s, name)) < 1:
+            raise FewLabelError(f"{name} must be >= 1, got {getattr(s, name)}")
+    for name in ("finetune_batch_size", "procs", "n_val", "warmup_epochs"):
+        if getattr(s, name) is not None and int(getattr(s, name)) < 1:
+            raise FewLabelError(f"{name} must be >= 1, got {getattr(s, name)}")
+    if s.warmup_epochs is not None and s.warmup_epochs >= s.finetune_epochs:
+        raise FewLabelError(f"warmup_epochs ({s.warmup_epochs}) must be below the {s.finetune_epochs} epochs")
+    if s.warmup_peak_lr is not None and not s.warmup_peak_lr > 0:
+        raise FewLabelError(f"warmup_peak_lr must be > 0, got {s.warmup_peak_lr}")

@@ -1,0 +1,33 @@
+"""Named fine-tuning recipes (:mod:`nnunetv2_macl.trainers.schedules`) for stock ``nnUNetv2_train``::
+
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_warmup     # MACL start, warm-up recipe
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_stock      # MACL start, nnU-Net's stock recipe
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerScratch_warmup  # random start, warm-up recipe
+
+``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
+stock recipe is nnU-Net's own ``nnUNetTrainer``. nnU-Net imports this file by path and returns the
+first attribute of a trainer's name that it meets, so only these classes are public names here.
+"""
+from __future__ import annotations
+
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _nnunet_trainer_module
+import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
+from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin as _FinetuneRecipeMixin
+
+
+class nnUNetTrainerMACL_stock(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL start, nnU-Net's stock recipe (SGD lr 1e-2, poly decay)."""
+
+    finetune_recipe = "stock"
+
+
+class nnUNetTrainerMACL_warmup(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL start, linear warm-up to lr 1e-3 then poly decay."""
+
+    finetune_recipe = "warmup"
+
+
+class nnUNetTrainerScratch_warmup(_FinetuneRecipeMixin, _nnunet_trainer_module.nnUNetTrainer):
+    """Random start with the warm-up recipe of ``nnUNetTrainerMACL_warmup`` (is a gain a schedule effect?)."""
+
+    finetune_recipe = "warmup"

@@ -1,0 +1,387 @@
+"""The few-label protocol package (``nnunetv2_macl.fewlabel``) and ``macl_fewlabel``.
+
+Fast: splits (held-out cases never trained on, nesting, determinism), the read-only dataset views,
+task scheduling, the report's filtering (failed runs and runs validated on other cases never enter a
+table) and caption, the warm-up recipe, and learning-curve parsing on the log of a real tiny nnU-Net
+training. ``e2e``: ``macl_fewlabel`` on the tiny synthetic dataset through the real CLIs, then --resume.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_macl.errors import FewLabelError, MACLUserError, StepError
+from nnunetv2_macl.fewlabel import report as rp
+from nnunetv2_macl.fewlabel import runner
+from nnunetv2_macl.fewlabel.curves import learning_curve, parse_training_log, read_training_logs
+from nnunetv2_macl.fewlabel.settings import Arm, Settings, parse_arm
+from nnunetv2_macl.fewlabel.splits import make_splits, read_splits, validation_union, write_json, write_splits
+from nnunetv2_macl.fewlabel.views import finetune_view, pretrain_view
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IDS = [f"case_{i:03d}" for i in range(37)]
+
+
+# ------------------------------------------------------------------------------------------------ splits
+def test_heldout_split_never_trains_on_validation_cases_and_nests():
+    budgets, n_folds = (2, 4, 10, 20), 3
+    plan = make_splits(list(reversed(IDS)), budgets, n_folds, "heldout", n_val=8, seed=12345)
+    val = set(plan["index"][0]["val"])
+    assert len(val) == 8 and len(plan["splits"]) == len(plan["index"]) == len(budgets) * n_folds
+    for rec in plan["index"]:
+        assert rec["index"] == budgets.index(rec["budget"]) * n_folds + rec["fold"]
+        assert plan["splits"][rec["index"]] == {"train": rec["train"], "val": rec["val"]}
+        assert set(rec["val"]) == val                                         # one validation set for all
+        assert len(rec["train"]) == rec["budget"] == len(set(rec["train"]))
+        assert not set(rec["train"]) & val                                    # never trained on
+    for f in range(n_folds):
+        recs = sorted((r for r in plan["index"] if r["fold"] == f), key=lambda r: r["budget"])
+        for small, big in zip(recs, recs[1:]):
+            assert big["train"][:small["budget"]] == small["train"]           # nested
+    draws = {tuple(r["train"]) for r in plan["index"] if r["budget"] == 20}
+    assert len(draws) == n_folds                                              # folds = different draws
+    assert validation_union(plan) == sorted(val)
+    # deterministic and independent of the input order; the seed matters
+    assert make_splits(IDS, budgets, n_folds, "heldout", 8, 12345) == plan
+    other = make_splits(IDS, budgets, n_folds, "heldout", 8, 7)
+    assert other["index"][0]["val"] != plan["index"][0]["val"]
+    # more folds or budgets do not change the existing draws
+    more = make_splits(IDS, budgets, n_folds + 1, "heldout", 8, 12345)
+    assert all(any(r["train"] == m["train"] and r["fold"] == m["fold"] for m in more["index"]) for r in plan["index"])
+
+
+def test_kfold_split_is_the_earlier_benchmarks():
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    plan = make_splits(IDS, (2, 4), 2, "kfold", n_val=None, seed=12345, n_splits=5)
+    reference = generate_crossval_split(sorted(IDS), seed=12345, n_splits=5)
+    for rec in plan["index"]:
+        assert rec["val"] == sorted(reference[rec["fold"]]["val"])
+        assert set(rec["train"]) <= set(reference[rec["fold"]]["train"])
+    capped = make_splits(IDS, (2, 4), 2, "kfold", n_val=3, seed=12345, n_splits=5)
+    assert all(len(r["val"]) == 3 and set(r["val"]) <= set(full["val"]) and r["train"] == full["train"]
+               for r, full in zip(capped["index"], plan["index"]))
+
+
+def test_split_errors_are_user_errors(tmp_path):
+    with pytest.raises(FewLabelError, match="exceeds"):
+        make_splits(IDS[:10], (4, 9), 1, "heldout", n_val=4)
+    with pytest.raises(FewLabelError, match="increasing"):
+        make_splits(IDS, (4, 2), 1)
+    with pytest.raises(FewLabelError, match="val-cases"):
+        make_splits(IDS[:10], (2,), 1, "heldout", n_val=10)
+    assert issubclass(FewLabelError, MACLUserError)
+    plan = make_splits(IDS, (2, 4), 2, "heldout", n_val=5)
+    write_splits(tmp_path, plan)
+    assert json.loads((tmp_path / "splits_final.json").read_text()) == plan["splits"]   # what nnU-Net reads
+    assert read_splits(tmp_path) == json.loads(json.dumps(plan))
+
+
+def test_arms_and_settings():
+    assert parse_arm("scratch", "warmup") == Arm("scratch", "stock")         # scratch: stock unless asked
+    assert parse_arm("macl", "warmup") == Arm("macl", "warmup")
+    assert parse_arm("scratch:warmup").trainer == "nnUNetTrainerScratch_warmup_bench"
+    assert parse_arm("pcl").trainer == "nnUNetTrainerMACL_bench" and parse_arm("macl:warmup").key == "macl_warmup"
+    with pytest.raises(FewLabelError, match="byol"):
+        parse_arm("byol")
+    with pytest.raises(FewLabelError, match="recipe"):
+        parse_arm("macl:cosine")
+    s = Settings(methods=("scratch", "macl:warmup", "pcl"))
+    assert s.pretrain_methods() == ["macl", "pcl"]
+
+
+# ------------------------------------------------------------------------------------------------ views
+def test_views_link_and_never_write_the_source(tmp_path):
+    src = tmp_path / "pre" / "Dataset977_V"
+    (src / "nnUNetPlans_2d").mkdir(parents=True)
+    (src / "gt_segmentations").mkdir()
+    for f, text in (("dataset.json", "{}"), ("nnUNetPlans.json", "{}"), ("splits_final.json", "[\"user's\"]")):
+        (src / f).write_text(text)
+    for c in ("a", "b", "c"):
+        for ext in (".b2nd", "_seg.b2nd", ".pkl"):
+            (src / "nnUNetPlans_2d" / f"{c}{ext}").write_text(c)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    ft = finetune_view(src, tmp_path / "views" / "ft")
+    assert (ft / "nnUNetPlans_2d").is_symlink() and not (ft / "splits_final.json").exists()
+    write_splits(ft, make_splits(IDS, (2,), 1, "heldout", 3))
+    pre = pretrain_view(src, tmp_path / "views" / "pre", "nnUNetPlans_2d", ["a", "c"])
+    assert sorted(p.name for p in (pre / "nnUNetPlans_2d").iterdir()) == sorted(
+        f"{c}{e}" for c in "ac" for e in (".b2nd", "_seg.b2nd", ".pkl"))
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before   # the source is untouched
+    with pytest.raises(FewLabelError, match="no preprocessed files"):
+        pretrain_view(src, tmp_path / "views" / "pre", "nnUNetPlans_2d", ["a", "zz"])
+
+
+# ------------------------------------------------------------------------------------------------ scheduling
+def _tasks(methods=("scratch", "macl"), budgets=(2, 4), folds=1):
+    s = Settings(methods=methods, budgets=budgets, folds=folds)
+    return runner.task_list(s, make_splits(IDS, budgets, folds, "heldout", 5))
+
+
+def test_task_order_and_dependencies():
+    tasks = _tasks(("scratch", "macl", "pcl:warmup"), (4, 10), 2)
+    assert [t.key for t in tasks[:2]] == ["pretrain:macl", "pretrain:pcl"]
+    trains = [(t.fold, t.budget, t.arm.key, t.index) for t in tasks[2:]]
+    assert trains[:3] == [(0, 4, "scratch", 0), (0, 4, "macl", 0), (0, 4, "pcl_warmup", 0)]
+    assert trains[3][:2] == (0, 10) and trains[3][3] == 2 and trains[-1] == (1, 10, "pcl_warmup", 3)
+    assert all(t.deps == (f"pretrain:{t.method}",) for t in tasks[2:] if t.method != "scratch")
+
+
+def test_run_tasks_failure_skips_dependants_and_runs_in_parallel():
+    tasks = _tasks()
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def execute(t, timeout):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        if t.kind == "pretrain":
+            raise StepError("macl_pretrain failed with exit status 2")
+
+    runner.run_tasks(tasks, 2, execute)
+    assert {t.key: t.status for t in tasks} == {"pretrain:macl": "failed", "train:scratch:M2:f0": "done",
+                                                "train:macl:M2:f0": "skipped", "train:scratch:M4:f0": "done",
+                                                "train:macl:M4:f0": "skipped"}
+    assert "exit status 2" in tasks[0].message and peak[0] == 2
+
+
+def test_run_tasks_deadlines_cut():
+    tasks = _tasks(("scratch",), (2, 4, 8))
+    runner.run_tasks(tasks, 1, lambda t, timeout: time.sleep(0.3), deadline=time.perf_counter() + 0.1)
+    assert [t.status for t in tasks] == ["done", "cut", "cut"] and "deadline" in tasks[1].message
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _summary(cases, dice):
+    per_case = [{"reference_file": f"/gt/{c}.nii.gz", "prediction_file": f"/x/{c}.nii.gz",
+                 "metrics": {k: {"Dice": v} for k, v in dice.items()}} for c in cases]
+    return {"foreground_mean": {"Dice": float(np.mean(list(dice.values())))},
+            "mean": {k: {"Dice": v} for k, v in dice.items()}, "metric_per_case": per_case}
+
+
+@pytest.fixture
+def fake_out(tmp_path):
+    """An output folder as the runner leaves it: marker, view with splits, summaries, run log, one
+    training log per run (the format nnU-Net writes)."""
+    out, name = tmp_path / "out", "Dataset981_Fake"
+    s = Settings(dataset_id=981, budgets=(2, 4), folds=2, methods=("scratch", "macl"), n_val=3, iters=5,
+                 finetune_epochs=2, pretrain_epochs=1)
+    plan = make_splits([f"case_{i}" for i in range(12)], s.budgets, s.folds, "heldout", s.n_val, s.seed)
+    view = out / "views" / "finetune" / name
+    view.mkdir(parents=True)
+    write_splits(view, plan)
+    (view / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "anterior": 1, "posterior": 2},
+                                                   "file_ending": ".nii.gz"}))
+    (view / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"batch_size": 12}}}))
+    write_json(out / runner.MARKER, {"settings": s.to_dict(), "dataset": name, "raw": None, "pretrain_cases": 9})
+    tasks = runner.task_list(s, plan)
+    for t in tasks:
+        t.status, t.seconds = "done", 10.0
+        if t.kind != "train":
+            continue
+        base = 0.6 if t.budget == 2 else 0.7
+        gain = 0.0 if t.method == "scratch" else (0.04 if t.fold == 0 else 0.02)
+        folder = runner.run_folder(out, t.arm, name, t.index, s)
+        (folder / "validation").mkdir(parents=True)
+        (folder / "validation" / "summary.json").write_text(json.dumps(
+            _summary(plan["splits"][t.index]["val"], {"1": base + gain, "2": base + 0.1 + gain})))
+        (folder / "training_log_2026_1_1_00_00_00.txt").write_text("".join(
+            f"2026-01-01 00:00:0{e}.0: \n2026-01-01 00:00:0{e}.1: Epoch {e} \n"
+            f"2026-01-01 00:00:0{e}.2: Current learning rate: 0.01 \n2026-01-01 00:00:0{e}.3: train_loss -0.{e + 1} \n"
+            f"2026-01-01 00:00:0{e}.4: val_loss -0.{e + 2} \n"
+            f"2026-01-01 00:00:0{e}.5: Pseudo dice [np.float32(0.{e + 3}), np.float32(0.{e + 5})] \n" for e in range(2)))
+    return out, name, s, plan, tasks
+
+
+def test_report_table_spread_and_caption(fake_out):
+    out, name, s, plan, tasks = fake_out
+    runner.write_run_log(out, tasks)
+    result = rp.write_report(out)
+    report = out / "report"
+    with open(report / "fewlabel_summary.csv") as f:
+        summary = {(int(r["budget"]), r["arm"]): r for r in csv.DictReader(f)}
+    m2 = summary[(2, "macl")]
+    assert int(m2["n_folds"]) == 2 and float(m2["dice_mean_mean"]) == pytest.approx(0.68)
+    assert float(m2["dice_mean_sd"]) == pytest.approx(np.std([0.69, 0.67], ddof=1))
+    assert float(m2["delta_vs_scratch_mean"]) == pytest.approx(0.03)
+    md = (report / "fewlabel_table.md").read_text()
+    assert "| 2 | MACL | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 |" in md
+    assert "on 3 validation cases, the same for every fold and M, in no training set" in md
+    assert "on the images of 9 cases: the validation cases EXCLUDED" in md and "Not in the table" not in md
+    for p in [result["paths"]["plot"], *result["paths"]["curves"]]:
+        assert Path(p).read_bytes()[:8] == PNG_MAGIC
+    curves = json.loads((report / "fewlabel_curves.json").read_text())
+    c = curves["2"]["MACL"][0]
+    assert c["iterations"] == [5, 10] and c["pseudo_dice"] == pytest.approx([0.4, 0.5])   # mean of the classes
+    assert c["final_iterations"] == 10 and c["final_dice"] == pytest.approx(0.69)
+    assert "pseudo-Dice gain in the last quarter" in md and "| 2 | MACL | 2 | – (run too short) |" in md
+
+
+def test_last_quarter_gain():
+    from nnunetv2_macl.fewlabel.curves import last_quarter_gain
+
+    flat = {"pseudo_dice": [0.1 * min(e, 10) / 10 for e in range(40)]}       # rises, then flat
+    rising = {"pseudo_dice": [e / 40 for e in range(40)]}
+    assert last_quarter_gain(flat) == pytest.approx(0.0) and last_quarter_gain(rising) == pytest.approx(0.25)
+    assert last_quarter_gain({"pseudo_dice": [0.5] * 9}) is None
+
+
+def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
+    out, name, s, plan, tasks = fake_out
+    failed = next(t for t in tasks if t.key == "train:macl:M4:f1")
+    failed.status, failed.message = "failed", "StepError: exit status 1"            # its summary.json exists
+    other = next(t for t in tasks if t.key == "train:scratch:M2:f1")
+    summary = runner.run_folder(out, other.arm, name, other.index, s) / "validation" / "summary.json"
+    summary.write_text(json.dumps(_summary(["case_0", "case_1", "case_2", "case_3"], {"1": 0.99, "2": 0.99})))
+    runner.write_run_log(out, tasks)
+    result = rp.write_report(out)
+    keys = {(r["arm"], r["budget"], r["fold"]) for r in result["runs"]}
+    assert ("macl", 4, 1) not in keys and ("scratch", 2, 1) not in keys and len(keys) == 6
+    assert {e["key"] for e in result["excluded"]} == {failed.key, other.key}
+    agg = {(r["budget"], r["arm"]): r for r in result["summary"]}
+    assert agg[(4, "scratch")]["n_folds"] == agg[(4, "macl")]["n_folds"] == 1      # like with like
+    assert agg[(2, "macl")]["excluded_folds"] == [1]
+    md = (out / "report" / "fewlabel_table.md").read_text()
+    assert "train:macl:M4:f1: failed" in md and "validated on other cases" in md
+    assert "0.99" not in (out / "report" / "fewlabel_runs.csv").read_text()
+    # a runner stopped from outside: what was running is reported as cut
+    failed.status = "running"
+    runner.write_run_log(out, tasks)
+    assert "train:macl:M4:f1: cut (runner stopped while running)" in rp.write_report(out)["caption"]
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def test_warmup_scheduler_curve(monkeypatch):
+    from nnunetv2_macl.trainers.schedules import WarmupPolyLRScheduler, warmup_settings
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupPolyLRScheduler(opt, 1e-3, num_epochs=20, warmup_epochs=4)
+    lrs = [sched.lr_at(e) for e in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])           # linear rise
+    assert lrs[4] == pytest.approx(1e-3) and all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert lrs[10] == pytest.approx(1e-3 * (1 - 6 / 16) ** 0.9)
+    sched.step(7)
+    assert opt.param_groups[0]["lr"] == pytest.approx(lrs[7])               # stateless: resume-safe
+    monkeypatch.delenv("MACL_FT_PEAK_LR", raising=False)
+    monkeypatch.delenv("MACL_FT_WARMUP_EPOCHS", raising=False)
+    assert warmup_settings(80) == (1e-3, 4) and warmup_settings(2) == (1e-3, 1)
+    monkeypatch.setenv("MACL_FT_PEAK_LR", "0.01")
+    monkeypatch.setenv("MACL_FT_WARMUP_EPOCHS", "10")
+    assert warmup_settings(80) == (0.01, 10)
+    monkeypatch.setenv("MACL_FT_WARMUP_EPOCHS", "80")
+    with pytest.raises(ValueError, match="MACL_FT_WARMUP_EPOCHS"):
+        warmup_settings(80)
+
+
+def test_recipe_variants_are_found_by_nnunet(monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2_macl.run.trainer_path import ext_trainer_value
+
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(None))
+    expected = {"nnUNetTrainerMACL": "stock", "nnUNetTrainerMACL_stock": "stock", "nnUNetTrainerMACL_warmup": "warmup",
+                "nnUNetTrainerScratch_warmup": "warmup", "nnUNetTrainerMACL_bench": "stock",
+                "nnUNetTrainerScratch_bench": "stock", "nnUNetTrainerMACL_warmup_bench": "warmup",
+                "nnUNetTrainerScratch_warmup_bench": "warmup"}
+    for name, recipe in expected.items():
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls.__name__ == name and issubclass(cls, nnUNetTrainer) and cls.finetune_recipe == recipe
+        assert ("MACL" in name) == any(b.__name__ == "nnUNetTrainerMACL" for b in cls.__mro__)
+
+
+def test_tiny_warmup_training_log_parses_into_a_learning_curve(tiny_dataset, monkeypatch, tmp_path):
+    """A real nnU-Net training (nnUNetTrainerScratch_warmup, 4 epochs x 2 iterations) writes the log the
+    curves are read from; its learning rates follow the warm-up recipe."""
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2_macl.run.trainer_path import ext_trainer_value
+    from nnunetv2_macl.trainers.schedules import WarmupPolyLRScheduler
+
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("MACL_FT_WARMUP_EPOCHS", "2")
+    monkeypatch.delenv("MACL_FT_PEAK_LR", raising=False)
+    trainer = get_trainer_from_args(str(tiny_dataset["id"]), "2d", 0, "nnUNetTrainerScratch_warmup",
+                                    tiny_dataset["plans"], False, device=torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 4, 2, 1
+    trainer.run_training()
+    curve = learning_curve(trainer.output_folder, iters_per_epoch=2)
+    epochs = read_training_logs(trainer.output_folder)
+    assert sorted(epochs) == [0, 1, 2, 3] and curve["iterations"] == [2, 4, 6, 8]
+    assert all(len(epochs[e]["pseudo_dice"]) == 2 and 0 <= curve["pseudo_dice"][e] <= 1 for e in range(4))
+    assert all(np.isfinite(curve["train_loss"]))
+    expected = [round(WarmupPolyLRScheduler(trainer.optimizer, 1e-3, 4, 2).lr_at(e), 5) for e in range(4)]
+    assert curve["lr"] == pytest.approx(expected) and curve["lr"][0] < curve["lr"][1]
+    log = "".join(p.read_text() for p in Path(trainer.output_folder).glob("training_log_*.txt"))
+    assert "fine-tuning recipe: warmup" in log
+    assert curve["final_dice"] is None                                      # no full validation yet
+    assert parse_training_log("no epochs here") == {}
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.e2e
+def test_macl_fewlabel_on_a_tiny_dataset_then_resume(tiny_dataset, nnunet_env):
+    """``macl_fewlabel -d 990`` (8 synthetic cases): 3 validation cases, M = 2, 1 fold, scratch and MACL
+    with the warm-up recipe; the user's preprocessed folder stays as it was; --resume reuses everything."""
+    pre = tiny_dataset["preprocessed"]
+    before = {p: p.stat().st_mtime_ns for p in pre.rglob("*") if p.is_file()}
+    env = dict(os.environ)
+    env.pop("MACL_PRETRAINED", None)
+    args = [sys.executable, "-m", "nnunetv2_macl.run.fewlabel", "-d", str(tiny_dataset["id"]), "--val-cases", "3",
+            "--budgets", "2", "--folds", "1", "--methods", "scratch,macl:warmup", "--epochs", "2", "--iters", "2",
+            "--val-iters", "1", "--pretrain-epochs", "1", "--pretrain-batch-size", "8", "--pretrain-workers", "0",
+            "--device", "cpu", "--procs", "1"]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = nnunet_env["results"] / tiny_dataset["name"] / "macl_fewlabel"
+    result = json.loads((out / "report" / "fewlabel_result.json").read_text())
+    assert sorted((r["arm"], r["budget"], r["n_val"], r["n_train"]) for r in result["runs"]) == [
+        ("macl_warmup", 2, 3, 2), ("scratch", 2, 3, 2)]
+    plan = read_splits(out / "views" / "finetune" / tiny_dataset["name"])
+    val = set(plan["index"][0]["val"])
+    pre_view = out / "views" / "pretrain" / tiny_dataset["name"] / "nnUNetPlans_2d"
+    assert not {f.name.split(".")[0] for f in pre_view.iterdir()} & val      # pretraining excluded them
+    assert "MACL (warmup)" in result["table_markdown"] and "3 validation cases" in result["caption"]
+    assert "fine-tuning recipe: warmup" in (out / "logs" / "train_macl_warmup_M2_f0.log").read_text()
+    assert Path(result["paths"]["curves"][0]).read_bytes()[:8] == PNG_MAGIC
+    assert {p: p.stat().st_mtime_ns for p in pre.rglob("*") if p.is_file()} == before   # user's data untouched
+    p = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    again = json.loads((out / "report" / "fewlabel_result.json").read_text())
+    assert {r["status"] for r in again["run_log"]} == {"reused"}
+    assert [r["dice_mean"] for r in again["runs"]] == [r["dice_mean"] for r in result["runs"]]
+
+
+def test_resume_moves_runs_when_split_indices_change(tmp_path):
+    """Adding a budget shifts the split indices: recorded runs follow their cases to the new fold_X."""
+    s_old = Settings(methods=("scratch",), budgets=(4, 20), folds=1)
+    s_new = Settings(methods=("scratch",), budgets=(4, 10, 20), folds=1)
+    cases = [f"case_{i:03d}" for i in range(40)]
+    out, name = tmp_path / "out", "Dataset981_Fake"
+    plan_old = make_splits(cases, s_old.budgets, 1, "heldout", 5)
+    for t in runner.task_list(s_old, plan_old):
+        folder = runner.task_folder(t, out, name, s_old)
+        folder.mkdir(parents=True)
+        write_json(folder / runner.TASK_FILE, runner.task_fingerprint(t, s_old, plan_old, cases))
+        (folder / "marker.txt").write_text(f"M={t.budget}")
+    plan_new = make_splits(cases, s_new.budgets, 1, "heldout", 5)
+    tasks = runner.task_list(s_new, plan_new)
+    moves = runner.relocate_runs(tasks, out, name, s_new, plan_new, cases)
+    assert moves == ["fold_1 -> fold_2"]                                   # M=20 moved from index 1 to 2
+    by_budget = {t.budget: runner.task_folder(t, out, name, s_new) for t in tasks}
+    assert (by_budget[20] / "marker.txt").read_text() == "M=20" and (by_budget[4] / "marker.txt").read_text() == "M=4"
+    assert not by_budget[10].exists()                                      # the new budget runs fresh
+    runner.plan_resume(tasks, out, name, s_new, plan_new, cases, resume=True)
+    assert [t.status for t in tasks] == ["pending"] * 3                    # nothing finished here: none reused
