@@ -53,6 +53,7 @@ def test_chance_value_is_the_loss_of_identical_embeddings():
         assert loss.item() == pytest.approx(contrastive_chance(2 * b), rel=1e-5)
     assert contrastive_chance(32) == pytest.approx(math.log(31))
     assert is_collapsed(math.log(31) * 0.985, math.log(31)) and not is_collapsed(math.log(31) * 0.9, math.log(31))
+    assert not is_collapsed(math.log(31) * 2, math.log(31))  # far above chance (e.g. at init): not that state
 
 
 def test_mean_pairwise_cosine():

@@ -34,7 +34,8 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
 
 
 def is_collapsed(lg: float, chance: float, margin: float = COLLAPSE_MARGIN) -> bool:
-    return lg >= (1.0 - margin) * chance
+    """Lg within ``margin`` (relative) of its chance value: the value a batch of equal embeddings gives."""
+    return abs(lg - chance) <= margin * chance
 
 
 def diagnostic_indices(case_index, batch_size: int, seed: int = 0) -> list[int]:
