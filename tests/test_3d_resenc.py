@@ -128,8 +128,8 @@ def test_patch_positions_are_patch_centres(tiny_dataset_3d):
             # outside the volume: zero padding
             assert float(image.abs().sum()) == pytest.approx(float(np.abs(inside).sum()), rel=1e-5)
         # same (seed, epoch, k) -> same patch; another epoch -> other centres
-        a, pa = ds[1]
-        b, pb = ds[1]
+        a, pa, _ = ds[1]
+        b, pb, _ = ds[1]
         assert torch.equal(a, b) and torch.equal(pa, pb)
         before = [ds.centre(k) for k in range(len(ds))]
         ds.set_epoch(1)
