@@ -38,16 +38,16 @@ def plot_progress(logging: dict[str, list], path: str) -> None:
     for key, style, label in (("cos_descriptor", "m-", "pooled descriptors"), ("cos_projection", "c-", "projections")):
         values = logging.get(key) or []
         if len(values) == len(epochs) and _finite(values):
-            ax.plot(epochs, values, style, linewidth=2, label=label)
+            ax.plot(epochs, values, style, linewidth=2, marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean pairwise cosine\n(1 = collapsed)")
     ax.set_title("collapse diagnostics on a fixed batch of real samples")
     if ax.lines:
         ax.legend(loc="upper right")
-    axes[2].plot(epochs, logging["lr"], "b-", linewidth=2)
+    axes[2].plot(epochs, logging["lr"], "b-", linewidth=2, marker="o", markersize=3)  # visible for 1 epoch too
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate (end of epoch)")
-    axes[3].plot(epochs, logging["epoch_time"], "b-", linewidth=2)
+    axes[3].plot(epochs, logging["epoch_time"], "b-", linewidth=2, marker="o", markersize=3)
     axes[3].set_xlabel("epoch")
     axes[3].set_ylabel("epoch time [s]")
     fig.tight_layout()
