@@ -328,8 +328,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(nnunet_env, tiny_dataset,
         state["poison"] = self.current_epoch == 1  # the 2nd epoch: from its first step on, Ld is NaN
         real_epoch_start(self)
 
-    def forward(self, outputs, positions):
-        total, logged = real_forward(self, outputs, positions)
+    def forward(self, outputs, positions, content=None):
+        total, logged = real_forward(self, outputs, positions, content)
         if state["poison"]:
             total = total + float("nan")
             logged = {**logged, "Ld": torch.full_like(logged["Ld"], float("nan"))}

@@ -160,7 +160,7 @@ def test_data_pipeline_is_a_function_of_seed_epoch_index(nnunet_env, tiny_datase
         for e in epochs:
             trainer.current_epoch = e
             trainer.on_epoch_start()
-            out[e] = [(img.clone(), pos.clone()) for img, pos in trainer.dataloader]
+            out[e] = [(img.clone(), pos.clone()) for img, pos, _ in trainer.dataloader]
         return out
 
     single = batches(0, [0, 1])
