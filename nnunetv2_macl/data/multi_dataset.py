@@ -24,7 +24,8 @@ from nnunetv2_macl.errors import IncompatibleDatasetsError
 SAMPLING_MODES = ("proportional", "balanced")
 
 
-def _dataset_id(dataset_name: str) -> str:
+def dataset_id_of(dataset_name: str) -> str:
+    """The id to put in an nnU-Net command for ``DatasetXXX_Name`` (the name itself if it has none)."""
     return str(int(dataset_name[7:10])) if dataset_name[7:10].isdigit() else dataset_name
 
 
@@ -34,7 +35,7 @@ def check_compatible_plans(reference_name: str, reference_plans: dict, reference
     """Raise :class:`IncompatibleDatasetsError` (one line: dataset, field, fixing command) unless
     dataset ``name`` was planned with a configuration ``configuration`` whose input channels and
     normalisation equal those of the reference plan (whose network is pretrained)."""
-    did, ref_id = _dataset_id(name), _dataset_id(reference_name)
+    did, ref_id = dataset_id_of(name), dataset_id_of(reference_name)
     plans_opt = f" -plans_name {plans_identifier}" if plans_identifier != "nnUNetPlans" else ""
     move = (f"nnUNetv2_move_plans_between_datasets -s {ref_id} -t {did} -sp {plans_identifier} -tp "
             f"{plans_identifier} && nnUNetv2_preprocess -d {did} -c {configuration}{plans_opt}")

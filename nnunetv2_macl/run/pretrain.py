@@ -12,8 +12,9 @@ import sys
 
 import torch
 
-from nnunetv2_macl.training.config import MACLConfig, resolve_method
+from nnunetv2_macl.data.multi_dataset import dataset_id_of
 from nnunetv2_macl.errors import UsageError
+from nnunetv2_macl.training.config import MACLConfig, resolve_method
 
 REQUIRED_ENV = ("nnUNet_preprocessed", "nnUNet_results")
 
@@ -24,10 +25,6 @@ def _require_env(name: str) -> str:
         raise UsageError(f"Environment variable {name} is not set. Set nnUNet_raw, nnUNet_preprocessed and "
                          f"nnUNet_results as for nnU-Net (see nnU-Net's documentation/setting_up_paths.md).")
     return value
-
-
-def _dataset_id(dataset_name: str) -> str:
-    return str(int(dataset_name[7:10])) if dataset_name[7:10].isdigit() else dataset_name
 
 
 def resolve_dataset_name(dataset_name_or_id: str | int) -> str:
@@ -50,7 +47,7 @@ def resolve_dataset_name(dataset_name_or_id: str | int) -> str:
         raw = os.environ.get("nnUNet_raw")
         if raw and os.path.isdir(os.path.join(raw, name)):
             raise UsageError(f"Dataset {name} is not planned and preprocessed (no {os.path.join(preprocessed_root, name)}"
-                             f"). Run: nnUNetv2_plan_and_preprocess -d {_dataset_id(name)}")
+                             f"). Run: nnUNetv2_plan_and_preprocess -d {dataset_id_of(name)}")
         raise UsageError(f"Unknown dataset {dataset_name_or_id!r}: no folder {name} in nnUNet_preprocessed "
                          f"({preprocessed_root})")
     return name
@@ -68,7 +65,7 @@ def load_plans_and_dataset_json(dataset_name: str, plans_identifier: str) -> tup
     dataset_json_file = os.path.join(preprocessed, "dataset.json")
     if not os.path.isfile(dataset_json_file):
         raise UsageError(f"{dataset_json_file} is missing; rerun nnUNetv2_plan_and_preprocess -d "
-                         f"{_dataset_id(dataset_name)}")
+                         f"{dataset_id_of(dataset_name)}")
     dataset_json = _read_json(dataset_json_file, "dataset.json")
     return plans, dataset_json, preprocessed
 
@@ -96,7 +93,7 @@ def check_configuration(plans: dict, configuration: str, plans_identifier: str, 
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     data_folder = os.path.join(preprocessed, data_identifier)
     if not os.path.isdir(data_folder):
-        command = f"nnUNetv2_preprocess -d {_dataset_id(dataset_name)} -c {configuration}"
+        command = f"nnUNetv2_preprocess -d {dataset_id_of(dataset_name)} -c {configuration}"
         if plans_identifier != "nnUNetPlans":
             command += f" -plans_name {plans_identifier}"
         raise UsageError(f"Dataset {dataset_name} is not preprocessed for configuration {configuration!r} (missing "
