@@ -125,7 +125,7 @@ def draw_segmentation_panels(fig, area, rows: Sequence[Mapping], method_names: S
     return axes
 
 
-def _save(fig, path: str | os.PathLike, title: str | None = None) -> Path:
+def save_figure(fig, path: str | os.PathLike, title: str | None = None) -> Path:
     """Add the title, write atomically (a reader never sees half a PNG) and close the figure."""
     try:
         if title:
@@ -153,7 +153,7 @@ def plot_segmentation_panels(rows: Sequence[Mapping], method_names: Sequence[str
     fig = plt.figure(figsize=(1.9 * ncol + 1.2, 2.0 * len(rows) + (0.4 if title else 0.1)), dpi=110)
     draw_segmentation_panels(fig, fig.add_gridspec(1, 1, top=0.93 if title else 0.98)[0], rows, method_names,
                              label_names)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def plot_pretraining_losses(ax, logging: Mapping[str, Sequence[float]],
@@ -207,7 +207,7 @@ def plot_losses_and_panels(logging: Mapping[str, Sequence[float]], chance: float
     plot_pretraining_losses(ax, logging, chance)
     ax.set_title(losses_title, fontsize=9)
     draw_segmentation_panels(fig, outer[1], rows, method_names, label_names)
-    return _save(fig, path, title)
+    return save_figure(fig, path, title)
 
 
 def slice_row(image_file: str | os.PathLike, reference_file: str | os.PathLike,

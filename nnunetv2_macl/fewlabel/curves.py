@@ -81,6 +81,8 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path, title: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nnunetv2_macl.figures import save_figure
+
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     for i, (label, runs) in enumerate(curves.items()):
         runs = [r for r in runs if r["iterations"]]
@@ -104,10 +106,7 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path, title: str =
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def last_quarter_gain(curve: dict, window: int = 5) -> float | None:

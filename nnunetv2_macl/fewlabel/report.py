@@ -180,6 +180,8 @@ def plot_dice_vs_budget(agg: list[dict], arms: Sequence[Arm], path: Path, title:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nnunetv2_macl.figures import save_figure
+
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
     budgets = sorted({r["budget"] for r in agg})
     for i, arm in enumerate(arms):
@@ -200,10 +202,7 @@ def plot_dice_vs_budget(agg: list[dict], arms: Sequence[Arm], path: Path, title:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 

@@ -3,7 +3,6 @@ Lg, the collapse diagnostics, lr and epoch time."""
 from __future__ import annotations
 
 import math
-import os
 
 
 def _finite(values: list) -> bool:
@@ -28,6 +27,8 @@ def plot_progress(logging: dict[str, list], path: str) -> None:
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
 
+    from nnunetv2_macl.figures import save_figure
+
     epochs = [e + 1 for e in logging["epoch"]]
     if not epochs:
         return
@@ -51,7 +52,4 @@ def plot_progress(logging: dict[str, list], path: str) -> None:
     axes[3].set_xlabel("epoch")
     axes[3].set_ylabel("epoch time [s]")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
