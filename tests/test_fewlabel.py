@@ -96,6 +96,15 @@ def test_arms_and_settings():
         parse_arm("byol")
     with pytest.raises(FewLabelError, match="recipe"):
         parse_arm("macl:cosine")
+    enc = parse_arm("macl@encoder")
+    assert enc == Arm("macl", "stock", "encoder") and enc.key == "macl_encoder" and "encoder only" in enc.label
+    assert enc.trainer == "nnUNetTrainerMACL_encoder_bench"
+    assert parse_arm("macl:warmup@encoder").trainer == "nnUNetTrainerMACL_warmup_encoder_bench"
+    with pytest.raises(FewLabelError, match="pretrained method"):
+        parse_arm("scratch@encoder")
+    with pytest.raises(FewLabelError, match="transfer"):
+        parse_arm("macl@decoder")
+    assert Settings(methods=("scratch", "macl@encoder")).pretrain_methods() == ["macl"]
     s = Settings(methods=("scratch", "macl:warmup", "pcl"))
     assert s.pretrain_methods() == ["macl", "pcl"]
 

@@ -145,6 +145,24 @@ def test_transfer_loads_encoder_and_pretrained_decoder_stages_only(plans_file, t
     assert str(path) in logged[0] and "seg_layers" in logged[0]
 
 
+def test_encoder_only_transfer_keeps_the_decoder_at_initialisation(plans_file):
+    src = build_network(plans_file, seed=0)
+    ckpt = macl_checkpoint(src, plans_file, decoder_blocks=2)
+    net = build_network(plans_file, seed=1)
+    before = _snapshot(net)
+    report = transfer_pretrained_weights(net, ckpt, log=None, scope="encoder")
+    after = net.state_dict()
+    for k, v in after.items():
+        if k.startswith(("encoder.", "decoder.encoder.")):
+            assert torch.equal(v, ckpt["network_weights"][k]), f"{k} was not loaded"
+        else:  # the pretrained decoder stages as well: initialisation kept
+            assert torch.equal(v, before[k]), f"{k} changed in an encoder-only transfer"
+    assert report.encoder_loaded == report.encoder_total > 0 and not any(k.startswith("decoder.") for k in report.loaded)
+    assert all("encoder-only transfer" in report.skipped[k] for k in report.skipped if k.startswith("decoder.stages.0."))
+    assert any("encoder-only" in n for n in report.notes)
+    with pytest.raises(ValueError, match="scope"):
+        transfer_pretrained_weights(build_network(plans_file, seed=1), ckpt, log=None, scope="decoder")
+
 def test_transfer_unwraps_torch_compile_and_reads_bare_state_dict(plans_file):
     src = build_network(plans_file, seed=0)
     ckpt = macl_checkpoint(src, plans_file)
@@ -443,9 +461,12 @@ def test_trainer_module_imports_by_file_path(trainer_env):
 
     for name in ("nnUNetTrainerMACL", "nnUNetTrainerMACL_1epoch", "nnUNetTrainerMACL_5epochs",
                  "nnUNetTrainerMACL_50epochs", "nnUNetTrainerMACL_100epochs", "nnUNetTrainerMACL_paperSchedule",
-                 "nnUNetTrainerScratch_paperSchedule", "nnUNetTrainerScratch_1epoch"):
+                 "nnUNetTrainerScratch_paperSchedule", "nnUNetTrainerScratch_1epoch", "nnUNetTrainerMACL_encoder",
+                 "nnUNetTrainerMACL_encoder_bench", "nnUNetTrainerMACL_warmup_encoder_bench"):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and issubclass(cls, nnUNetTrainer)
+        if name.startswith("nnUNetTrainerMACL"):
+            assert cls.macl_transfer_scope == ("encoder" if "encoder" in name else "pretrained")
     # nnU-Net's own scratch counterparts exist under these names
     for name in ("nnUNetTrainer_1epoch", "nnUNetTrainer_5epochs", "nnUNetTrainer_50epochs", "nnUNetTrainer_100epochs"):
         assert recursive_find_trainer_class_by_name(name).__module__.startswith("nnunetv2.")

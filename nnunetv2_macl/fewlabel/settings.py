@@ -12,28 +12,37 @@ METHODS = ("scratch", "macl", "pcl", "simclr")
 PRETRAIN_METHODS = ("macl", "pcl", "simclr")
 METHOD_LABELS = {"scratch": "scratch", "macl": "MACL", "pcl": "PCL", "simclr": "SimCLR"}
 TRAINERS = {("scratch", "stock"): "nnUNetTrainerScratch_bench", ("scratch", "warmup"): "nnUNetTrainerScratch_warmup_bench",
-            ("pretrained", "stock"): "nnUNetTrainerMACL_bench", ("pretrained", "warmup"): "nnUNetTrainerMACL_warmup_bench"}
+            ("pretrained", "stock"): "nnUNetTrainerMACL_bench", ("pretrained", "warmup"): "nnUNetTrainerMACL_warmup_bench",
+            ("encoder", "stock"): "nnUNetTrainerMACL_encoder_bench",
+            ("encoder", "warmup"): "nnUNetTrainerMACL_warmup_encoder_bench"}
+TRANSFERS = ("pretrained", "encoder")   # what of the pretraining is transferred (``method@encoder``)
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One line of the table: a start (``method``) fine-tuned with a recipe (``stock``/``warmup``)."""
+    """One line of the table: a start (``method``) fine-tuned with a recipe (``stock``/``warmup``);
+    ``transfer="encoder"`` starts only the encoder from the pretraining."""
 
     method: str
     recipe: str
+    transfer: str = "pretrained"
 
     @property
     def key(self) -> str:
-        return self.method if self.recipe == "stock" else f"{self.method}_{self.recipe}"
+        key = self.method if self.recipe == "stock" else f"{self.method}_{self.recipe}"
+        return key if self.transfer == "pretrained" else f"{key}_{self.transfer}"
 
     @property
     def label(self) -> str:
+        extras = [r for r in (self.recipe,) if r != "stock"] + \
+                 (["encoder only"] if self.transfer == "encoder" else [])
         name = METHOD_LABELS.get(self.method, self.method)
-        return name if self.recipe == "stock" else f"{name} ({self.recipe})"
+        return f"{name} ({', '.join(extras)})" if extras else name
 
     @property
     def trainer(self) -> str:
-        return TRAINERS[("scratch" if self.method == "scratch" else "pretrained", self.recipe)]
+        start = "scratch" if self.method == "scratch" else ("encoder" if self.transfer == "encoder" else "pretrained")
+        return TRAINERS[(start, self.recipe)]
 
     @property
     def pretrained(self) -> bool:
@@ -41,16 +50,23 @@ class Arm:
 
 
 def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
-    """``scratch`` | ``macl`` | ``macl:warmup`` | ``scratch:warmup`` ... A plain pretrained method takes
-    ``default_recipe``; plain ``scratch`` is always nnU-Net's stock recipe (what users compare against)."""
-    method, _, recipe = text.strip().partition(":")
+    """``scratch`` | ``macl`` | ``macl:warmup`` | ``scratch:warmup`` | ``macl@encoder`` ... A plain pretrained
+    method takes ``default_recipe``; plain ``scratch`` is always nnU-Net's stock recipe (what users compare
+    against). ``@encoder``: only the pretrained encoder is transferred."""
+    body, _, transfer = text.strip().partition("@")
+    method, _, recipe = body.partition(":")
+    transfer = transfer or "pretrained"
+    if transfer not in TRANSFERS:
+        raise FewLabelError(f"unknown transfer {transfer!r} in {text!r} (method@encoder transfers the encoder only)")
+    if transfer != "pretrained" and method not in PRETRAIN_METHODS:
+        raise FewLabelError(f"{text!r}: @{transfer} needs a pretrained method ({', '.join(PRETRAIN_METHODS)})")
     if method not in METHODS:
         raise FewLabelError(f"unknown method {method!r} in {text!r} (methods: {', '.join(METHODS)}; a recipe "
                             f"is added as method:recipe, recipes: {', '.join(RECIPES)})")
     recipe = recipe or ("stock" if method == "scratch" else default_recipe)
     if recipe not in RECIPES:
         raise FewLabelError(f"unknown fine-tuning recipe {recipe!r} in {text!r} (recipes: {', '.join(RECIPES)})")
-    return Arm(method, recipe)
+    return Arm(method, recipe, transfer)
 
 
 @dataclass

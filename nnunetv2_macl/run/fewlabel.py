@@ -43,7 +43,8 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budgets", type=_ints, help="labeled training cases M, e.g. 4,10,20")
     g.add_argument("--folds", type=int, help="draws of the training sets over the same validation cases")
     g.add_argument("--methods", type=_names,
-                   help="arms: scratch, macl, pcl, simclr, each optionally :stock or :warmup (e.g. macl:warmup); "
+                   help="arms: scratch, macl, pcl, simclr, each optionally :stock or :warmup (e.g. macl:warmup) and, for "
+                        "a pretrained method, @encoder to transfer its encoder only (e.g. macl@encoder); "
                         "plain scratch is nnU-Net's stock recipe, a plain pretrained method takes --recipe")
     g.add_argument("--recipe", choices=["stock", "warmup"], help="fine-tuning recipe of plain pretrained methods")
     g.add_argument("--val-cases", "--max-val-cases", dest="n_val", type=int, help="validation cases held out from every training set")

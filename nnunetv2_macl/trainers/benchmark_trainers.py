@@ -136,3 +136,15 @@ class nnUNetTrainerScratch_warmup_bench(nnUNetTrainerScratch_bench):
     """:class:`nnUNetTrainerScratch_bench` with the warm-up recipe (same as ``nnUNetTrainerMACL_warmup_bench``)."""
 
     finetune_recipe = "warmup"
+
+
+class nnUNetTrainerMACL_encoder_bench(nnUNetTrainerMACL_bench):
+    """:class:`nnUNetTrainerMACL_bench` transferring the encoder only (the decoder keeps its initialisation)."""
+
+    macl_transfer_scope = "encoder"
+
+
+class nnUNetTrainerMACL_warmup_encoder_bench(nnUNetTrainerMACL_warmup_bench):
+    """:class:`nnUNetTrainerMACL_warmup_bench` transferring the encoder only."""
+
+    macl_transfer_scope = "encoder"

@@ -144,6 +144,10 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
     #: refuse a checkpoint when fewer than this fraction of the encoder's tensors fit
     macl_min_fraction = 0.5
 
+    #: ``pretrained`` (encoder and the pretrained decoder stages, as the paper) or ``encoder`` (the decoder
+    #: keeps nnU-Net's initialisation); variant ``nnUNetTrainerMACL_encoder`` (``recipe_trainers.py``)
+    macl_transfer_scope = "pretrained"
+
     # the report of the transfer done at training start (None before, or when weights came otherwise)
     macl_transfer_report: TransferReport | None = None
     _macl_resumed = False
@@ -206,7 +210,7 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
         checkpoint = load_weights_only(path)
         meta = checkpoint.get("macl") if isinstance(checkpoint.get("macl"), dict) else None
         report = transfer_pretrained_weights(self.network, checkpoint, min_fraction=self.macl_min_fraction,
-                                             log=None)
+                                             log=None, scope=self.macl_transfer_scope)
         report.source = path
         report.notes.extend(self._macl_metadata_notes(meta))
         self.print_to_log_file(report.summary())

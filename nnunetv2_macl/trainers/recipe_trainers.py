@@ -3,6 +3,7 @@
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_warmup     # MACL start, warm-up recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_stock      # MACL start, nnU-Net's stock recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerScratch_warmup  # random start, warm-up recipe
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only, decoder from scratch
 
 ``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
 stock recipe is nnU-Net's own ``nnUNetTrainer``. nnU-Net imports this file by path and returns the
@@ -25,6 +26,12 @@ class nnUNetTrainerMACL_warmup(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL start, linear warm-up to lr 1e-3 then poly decay."""
 
     finetune_recipe = "warmup"
+
+
+class nnUNetTrainerMACL_encoder(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL start for the encoder only: the pretrained decoder stages are not transferred (stock recipe)."""
+
+    macl_transfer_scope = "encoder"
 
 
 class nnUNetTrainerScratch_warmup(_FinetuneRecipeMixin, _nnunet_trainer_module.nnUNetTrainer):

@@ -54,6 +54,9 @@ REASON_NOT_PRETRAINED = "not pretrained"
 REASON_SEG_HEAD = "not pretrained (segmentation head, kept at initialisation)"
 REASON_SHAPE = "shape mismatch"
 REASON_MISSING = "missing in checkpoint"
+#: what of a checkpoint's pretrained tensors is copied: everything it pretrained (the paper: encoder and
+#: decoder stages 1..N) or the encoder only (its decoder stages keep their initialisation)
+TRANSFER_SCOPES = ("pretrained", "encoder")
 
 _DECODER_STAGE = re.compile(r"^decoder\.(stages|transpconvs)\.(\d+)\.(.*)$")
 _ENCODER_STAGE = re.compile(r"^encoder\.stages\.(\d+)\.")
@@ -391,7 +394,7 @@ def _adapt(value: torch.Tensor, target: torch.Tensor, is_first_conv: bool,
 
 
 def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_fraction: float = 0.5,
-                                log: Callable[..., object] | None = print) -> TransferReport:
+                                log: Callable[..., object] | None = print, scope: str = "pretrained") -> TransferReport:
     """Copy the pretrained tensors of ``checkpoint`` into ``network`` (in place) and report what happened.
 
     ``checkpoint``: a path (read with ``weights_only=True``) or an already loaded dict (a MACL or nnU-Net
@@ -399,7 +402,11 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     torch.compile. Raises :class:`IncompatibleCheckpointError` (network untouched) when nothing fits or
     fewer than ``min_fraction`` of the encoder's tensors fit; the message names the first mismatched
     keys. ``log`` (e.g. ``trainer.print_to_log_file``) receives the report summary; None to stay quiet.
+    ``scope``: ``"pretrained"`` copies every tensor the checkpoint pretrained, ``"encoder"`` only the encoder's
+    (:data:`TRANSFER_SCOPES`; the decoder stages then keep the network's initialisation).
     """
+    if scope not in TRANSFER_SCOPES:
+        raise ValueError(f"transfer scope must be one of {TRANSFER_SCOPES}, got {scope!r}")
     source = "<dict>"
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.path.abspath(os.fspath(checkpoint))
@@ -414,6 +421,7 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     mod = unwrap_network(network)
     groups, tensors = _alias_groups(mod)
     prefixes = pretrained_prefixes_from_meta(meta)
+    encoder_only = scope == "encoder"
 
     report = TransferReport(source=source, pretrained_prefixes=prefixes, format_version=format_version,
                             citation=citation_text(checkpoint))
@@ -458,6 +466,9 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
         if prefixes is not None and not any(m.startswith(p) for m in ck_names for p in prefixes):
             report.skipped[canon] = f"{REASON_NOT_PRETRAINED} (outside the checkpoint's pretrained prefixes)"
             continue
+        if encoder_only and not any(n.startswith(ENCODER_PREFIX) for n in names):
+            report.skipped[canon] = f"{REASON_NOT_PRETRAINED} (encoder-only transfer: kept at initialisation)"
+            continue
         ck = next((m for m in ck_names if m in weights), None)
         target = tensors[canon]
         if ck is None:
@@ -491,6 +502,8 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             seen_unused.add(sid)
             report.unused_checkpoint_keys.append(k)
     report.encoder_total = len(enc_keys)
+    if encoder_only:
+        report.notes.append("encoder-only transfer: the checkpoint's decoder stages are not used")
     report.encoder_loaded = sum(1 for k in report.loaded if k in enc_set)
 
     frac = report.encoder_loaded / max(1, report.encoder_total)
