@@ -7,9 +7,11 @@ Profiles (every setting can be overridden with the options of ``macl_fewlabel``)
 - ``cpu-smoke``: 12 synthetic cases of 16x32x32, 4 held out for validation, M in {2, 4}, scratch + MACL,
   1 pretraining epoch, 2 x 4 fine-tuning iterations: the pipeline and the tables in minutes, not the gain.
 - ``cpu-converge``: Hippocampus on 2 CPU cores, the protocol run to a plateau: 40 validation cases held
-  out of every training set and of the pretraining, M in {4, 20}, 2 folds (draws), scratch, MACL, PCL,
-  SimCLR, 80 epochs x 25 iterations of batch 32 (2,000 iterations, ~40 min per training), 2 pretraining
-  epochs of batch 16. Start with ``--methods scratch`` to check the plateau on scratch's own curves.
+  out of every training set and of the pretraining, M in {4, 20}, 2 folds (draws), scratch, MACL (as the
+  paper transfers it, and ``macl@encoder``), PCL, SimCLR, 80 epochs x 25 iterations of batch 32 (2,000
+  iterations; measured ~0.5 s per iteration on 2 idle cores, so ~20 min per training with its
+  validation), 2 pretraining epochs of batch 16 (~4-5 min per method). Start with ``--methods scratch``
+  to check the plateau on scratch's own curves.
 - ``cpu-real``: today's CPU look at the real data, kept so its rows can be rerun comparably: fold 0 of
   nnU-Net's 5-fold partition (10 of its validation cases), M in {4, 10, 20}, scratch + MACL, 1 pretraining
   epoch of batch 16 on all cases, 25 x 10 fine-tuning iterations of batch 32.
@@ -46,7 +48,8 @@ PROFILES: dict[str, dict] = {
                       finetune_epochs=2, iters=4, val_iters=1, save_every=1, device="cpu", jobs=2, procs=1,
                       pretrain_workers=0, overlay_cases=2),
     "cpu-converge": dict(_HIPPOCAMPUS, split="heldout", n_val=40, budgets=(4, 20), folds=2,
-                         methods=("scratch", "macl", "pcl", "simclr"), pretrain_epochs=2, pretrain_batch_size=16,
+                         methods=("scratch", "macl", "macl@encoder", "pcl", "simclr"), pretrain_epochs=2,
+                         pretrain_batch_size=16,
                          finetune_epochs=80, iters=25, val_iters=10, finetune_batch_size=32, save_every=5,
                          device="cpu", jobs=1, pretrain_workers=0, overlay_cases=3),
     "cpu-real": dict(_HIPPOCAMPUS, split="kfold", n_splits=5, n_val=10, pretrain_on_all=True, budgets=(4, 10, 20),

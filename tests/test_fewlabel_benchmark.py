@@ -50,7 +50,7 @@ def test_profiles():
     conv = _profile_settings("cpu-converge")
     assert (conv.split, conv.n_val, conv.pretrain_on_all, conv.budgets) == ("heldout", 40, False, (4, 20))
     assert conv.finetune_epochs * conv.iters == 2000 and conv.finetune_batch_size == 32 and conv.folds >= 2
-    assert set(conv.methods) == {"scratch", "macl", "pcl", "simclr"}
+    assert set(conv.methods) == {"scratch", "macl", "macl@encoder", "pcl", "simclr"}
     # options win over the profile; old option names still work
     s = _profile_settings("cpu-converge", "--methods", "scratch,scratch:warmup", "--finetune-epochs", "120",
                           "--recipe", "warmup", "--pretrain-on-all")
