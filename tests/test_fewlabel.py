@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -266,9 +267,20 @@ def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
     md = (out / "report" / "fewlabel_table.md").read_text()
     assert "train:macl:M4:f1: failed" in md and "validated on other cases" in md
     assert "0.99" not in (out / "report" / "fewlabel_runs.csv").read_text()
-    # a runner stopped from outside: what was running is reported as cut
+    # what was running: "running" while its runner is alive (--report-only during a measurement), "cut" after
     failed.status = "running"
     runner.write_run_log(out, tasks)
+    log_file = out / runner.RUN_LOG
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        log = json.loads(log_file.read_text())
+        for r in log:
+            r["runner"] = f"{socket.gethostname()}:{proc.pid}"
+        log_file.write_text(json.dumps(log))
+        assert f"train:macl:M4:f1: running (the runner (pid {proc.pid}) is still going)" in rp.write_report(out)["caption"]
+    finally:
+        proc.kill()
+        proc.wait()
     assert "train:macl:M4:f1: cut (runner stopped while running)" in rp.write_report(out)["caption"]
 
 

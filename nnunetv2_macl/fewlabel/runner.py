@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -309,23 +310,44 @@ def run_tasks(tasks: list[Task], jobs: int, execute_one, check=None, deadline: f
 
 def write_run_log(out: Path, tasks: list[Task]) -> list[dict]:
     """The state of every task, rewritten as tasks finish, so that a report can say what was cut or
-    failed even when the runner itself was stopped."""
+    failed even when the runner itself was stopped (``runner``: host and pid of the writing process)."""
+    runner = f"{socket.gethostname()}:{os.getpid()}"
     log = [{"key": t.key, "kind": t.kind, "method": t.method, "arm": t.arm.key if t.arm else None,
             "budget": t.budget, "fold": t.fold, "index": t.index, "status": t.status,
-            "seconds": None if t.seconds is None else round(t.seconds, 1), "message": t.message} for t in tasks]
+            "seconds": None if t.seconds is None else round(t.seconds, 1), "message": t.message,
+            "runner": runner} for t in tasks]
     write_json(Path(out) / RUN_LOG, log)
     return log
 
 
+def runner_alive(runner: str | None) -> bool:
+    """Whether the process that wrote a run log entry (``host:pid``) is still running on this host."""
+    host, _, pid = str(runner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def read_run_log(out: Path) -> list[dict]:
-    """The run log; tasks pending or running when the runner stopped are reported as "cut"."""
+    """The run log. Tasks pending or running are reported as "cut" when their runner has stopped, and
+    keep their status (with the runner's pid) while it is still going, e.g. for ``--report-only``
+    during a long measurement."""
     f = Path(out) / RUN_LOG
     if not f.is_file():
         return []
     log = json.loads(f.read_text())
     for r in log:
         if r["status"] in ("pending", "running"):
-            r["status"], r["message"] = "cut", f"runner stopped while {r['status']}"
+            if runner_alive(r.get("runner")):
+                r["message"] = f"the runner (pid {str(r['runner']).rpartition(':')[2]}) is still going"
+            else:
+                r["status"], r["message"] = "cut", f"runner stopped while {r['status']}"
     return log
 
 
