@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.splits import SCHEMES
 from nnunetv2_macl.trainers.schedules import RECIPES
+from nnunetv2_macl.transfer.load_pretrained import TRANSFER_SCOPES
 
 METHODS = ("scratch", "macl", "pcl", "simclr")
 PRETRAIN_METHODS = ("macl", "pcl", "simclr")
@@ -15,7 +16,6 @@ TRAINERS = {("scratch", "stock"): "nnUNetTrainerScratch_bench", ("scratch", "war
             ("pretrained", "stock"): "nnUNetTrainerMACL_bench", ("pretrained", "warmup"): "nnUNetTrainerMACL_warmup_bench",
             ("encoder", "stock"): "nnUNetTrainerMACL_encoder_bench",
             ("encoder", "warmup"): "nnUNetTrainerMACL_warmup_encoder_bench"}
-TRANSFERS = ("pretrained", "encoder")   # what of the pretraining is transferred (``method@encoder``)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
     body, _, transfer = text.strip().partition("@")
     method, _, recipe = body.partition(":")
     transfer = transfer or "pretrained"
-    if transfer not in TRANSFERS:
+    if transfer not in TRANSFER_SCOPES:
         raise FewLabelError(f"unknown transfer {transfer!r} in {text!r} (method@encoder transfers the encoder only)")
     if transfer != "pretrained" and method not in PRETRAIN_METHODS:
         raise FewLabelError(f"{text!r}: @{transfer} needs a pretrained method ({', '.join(PRETRAIN_METHODS)})")
