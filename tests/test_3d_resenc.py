@@ -156,11 +156,11 @@ def _unlabeled_copy(src: dict, preprocessed_root: Path, new_id: int, num_cases: 
     return name
 
 
-def _trainer(dataset_id, configuration: str, plans: str):
+def _trainer(dataset_id, configuration: str, plans: str, name: str = "nnUNetTrainerMACL_paperTransfer"):
+    """The paper's hand-over by default here: these tests check that the decoder stages arrive too."""
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    return get_trainer_from_args(str(dataset_id), configuration, 0, "nnUNetTrainerMACL", plans, False,
-                                 device=torch.device("cpu"))
+    return get_trainer_from_args(str(dataset_id), configuration, 0, name, plans, False, device=torch.device("cpu"))
 
 
 @pytest.fixture()
@@ -198,6 +198,14 @@ def test_3d_pretraining_and_transfer(tiny_dataset_3d, nnunet_env, ext_trainer, m
                 "decoder.transpconvs.1.weight"):
         assert torch.equal(sd[key], w[key]), key
     assert "decoder.stages.2.convs.0.conv.weight" not in report.loaded  # beyond N = 2: initialisation
+    # nnUNetTrainerMACL's default hands over the encoder only: the pretrained decoder stages keep nnU-Net's init
+    default = _trainer(tiny_dataset_3d["id"], "3d_fullres", "nnUNetPlans", name="nnUNetTrainerMACL")
+    default.initialize()
+    report = default.apply_macl_pretrained_weights()
+    assert report.encoder_loaded == report.encoder_total > 0
+    assert "encoder-only transfer" in report.skipped["decoder.stages.1.convs.0.conv.weight"]
+    assert not torch.equal(default.network.state_dict()["decoder.stages.1.convs.0.conv.weight"],
+                           w["decoder.stages.1.convs.0.conv.weight"])
 
 
 # ============================================================================================ ResEnc

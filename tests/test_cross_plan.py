@@ -138,13 +138,13 @@ def test_pretrain_plan_a_finetune_plan_b_through_nnunetv2_train(plans_ab, nnunet
     env.pop("MACL_PRETRAINED", None)
     p = subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.pretrain", "-d", str(ID_A), "-c", CONF, "--device",
                         "cpu", "--epochs", "1", "--batch-size", "2", "--patches-per-case", "1", "--num-workers", "0"],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ckpt = tmp_path / "results" / plans_ab[ID_A]["name"] / f"MACLPretrainer__nnUNetPlans__{CONF}" / \
         "checkpoint_final.pth"
     env["MACL_PRETRAINED"] = str(ckpt)
     p = subprocess.run([str(BIN / "nnUNetv2_train"), str(ID_B), CONF, "0", "-tr", "nnUNetTrainerMACL_1epoch",
-                        "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
                        timeout=600)
     out = p.stdout
     assert p.returncode == 0, out[-4000:]

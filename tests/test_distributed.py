@@ -95,7 +95,7 @@ def _torchrun_pretraining(tiny_dataset, results, extra: list[str]):
     env = {**os.environ, "nnUNet_results": str(results), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", macl_pretrain,
                            "-d", str(tiny_dataset["id"]), "--device", "cpu", "--epochs", "2", "--batch-size", "4",
-                           "--num-workers", "0", *extra], capture_output=True, text=True, env=env, timeout=900)
+                           "--num-workers", "0", *extra], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=900)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     return Path(results) / tiny_dataset["name"] / "MACLPretrainer__nnUNetPlans__2d"
 

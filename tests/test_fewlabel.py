@@ -101,6 +101,9 @@ def test_arms_and_settings():
     assert enc == Arm("macl", "stock", "encoder") and enc.key == "macl_encoder" and "encoder only" in enc.label
     assert enc.trainer == "nnUNetTrainerMACL_encoder_bench"
     assert parse_arm("macl:warmup@encoder").trainer == "nnUNetTrainerMACL_warmup_encoder_bench"
+    # the plain macl arm is the paper's hand-over whatever nnUNetTrainerMACL's default; its label says so
+    assert parse_arm("macl").label == "MACL (paper transfer)" and parse_arm("pcl").label == "PCL"
+    assert parse_arm("macl:warmup@encoder").label == "MACL (warmup, encoder only)"
     with pytest.raises(FewLabelError, match="pretrained method"):
         parse_arm("scratch@encoder")
     with pytest.raises(FewLabelError, match="transfer"):
@@ -228,16 +231,16 @@ def test_report_table_spread_and_caption(fake_out):
     assert float(m2["dice_mean_sd"]) == pytest.approx(np.std([0.69, 0.67], ddof=1))
     assert float(m2["delta_vs_scratch_mean"]) == pytest.approx(0.03)
     md = (report / "fewlabel_table.md").read_text()
-    assert "| 2 | MACL | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 |" in md
+    assert "| 2 | MACL (paper transfer) | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 |" in md
     assert "on 3 validation cases, the same for every fold and M, in no training set" in md
     assert "on the images of 9 cases: the validation cases EXCLUDED" in md and "Not in the table" not in md
     for p in [result["paths"]["plot"], *result["paths"]["curves"]]:
         assert Path(p).read_bytes()[:8] == PNG_MAGIC
     curves = json.loads((report / "fewlabel_curves.json").read_text())
-    c = curves["2"]["MACL"][0]
+    c = curves["2"]["MACL (paper transfer)"][0]
     assert c["iterations"] == [5, 10] and c["pseudo_dice"] == pytest.approx([0.4, 0.5])   # mean of the classes
     assert c["final_iterations"] == 10 and c["final_dice"] == pytest.approx(0.69)
-    assert "pseudo-Dice gain in the last quarter" in md and "| 2 | MACL | 2 | – (run too short) |" in md
+    assert "pseudo-Dice gain in the last quarter" in md and "| 2 | MACL (paper transfer) | 2 | – (run too short) |" in md
 
 
 def test_last_quarter_gain():
@@ -247,6 +250,25 @@ def test_last_quarter_gain():
     rising = {"pseudo_dice": [e / 40 for e in range(40)]}
     assert last_quarter_gain(flat) == pytest.approx(0.0) and last_quarter_gain(rising) == pytest.approx(0.25)
     assert last_quarter_gain({"pseudo_dice": [0.5] * 9}) is None
+
+
+def test_a_run_still_going_stays_out_of_the_mean_curve_and_the_plateau_check(tmp_path):
+    """A partial run would cut an arm's mean curve short and fake a last-quarter gain: it is drawn apart."""
+    from nnunetv2_macl.fewlabel.curves import mean_curve_runs, plot_learning_curves
+    from nnunetv2_macl.fewlabel.report import plateau_table
+
+    def run(values, finished):
+        return {"iterations": [25 * (e + 1) for e in range(len(values))], "pseudo_dice": values, "finished": finished,
+                "final_iterations": None, "final_dice": None}
+
+    done = run([0.1 * min(e, 10) / 10 for e in range(40)], True)      # flat last quarter
+    going = run([e / 40 for e in range(12)], False)                    # rising, 12 epochs so far
+    assert mean_curve_runs([done, going]) == ([done], [going])
+    assert mean_curve_runs([going]) == ([going], [])                   # nothing finished yet: show progress
+    md = plateau_table({"4": {"scratch": [done, going]}, "20": {"MACL": [going]}})
+    assert "| 4 | scratch | 1 | +0.00 |" in md and "| 20 | MACL | 0 | – (no finished run) |" in md
+    path = plot_learning_curves({"scratch": [done, going]}, tmp_path / "c.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
@@ -321,6 +343,12 @@ def test_recipe_variants_are_found_by_nnunet(monkeypatch):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and issubclass(cls, nnUNetTrainer) and cls.finetune_recipe == recipe
         assert ("MACL" in name) == any(b.__name__ == "nnUNetTrainerMACL" for b in cls.__mro__)
+    # the hand-over each name promises (the default moved to encoder only by measurement, issue #11)
+    scopes = {"nnUNetTrainerMACL": "encoder", "nnUNetTrainerMACL_encoder": "encoder",
+              "nnUNetTrainerMACL_paperTransfer": "pretrained", "nnUNetTrainerMACL_bench": "pretrained",
+              "nnUNetTrainerMACL_warmup_bench": "pretrained", "nnUNetTrainerMACL_encoder_bench": "encoder"}
+    for name, scope in scopes.items():
+        assert recursive_find_trainer_class_by_name(name).macl_transfer_scope == scope, name
 
 
 def test_tiny_warmup_training_log_parses_into_a_learning_curve(tiny_dataset, monkeypatch, tmp_path):
@@ -364,7 +392,7 @@ def test_macl_fewlabel_on_a_tiny_dataset_then_resume(tiny_dataset, nnunet_env):
             "--budgets", "2", "--folds", "1", "--methods", "scratch,macl:warmup", "--epochs", "2", "--iters", "2",
             "--val-iters", "1", "--pretrain-epochs", "1", "--pretrain-batch-size", "8", "--pretrain-workers", "0",
             "--device", "cpu", "--procs", "1"]
-    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(args, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = nnunet_env["results"] / tiny_dataset["name"] / "macl_fewlabel"
     result = json.loads((out / "report" / "fewlabel_result.json").read_text())
@@ -374,11 +402,11 @@ def test_macl_fewlabel_on_a_tiny_dataset_then_resume(tiny_dataset, nnunet_env):
     val = set(plan["index"][0]["val"])
     pre_view = out / "views" / "pretrain" / tiny_dataset["name"] / "nnUNetPlans_2d"
     assert not {f.name.split(".")[0] for f in pre_view.iterdir()} & val      # pretraining excluded them
-    assert "MACL (warmup)" in result["table_markdown"] and "3 validation cases" in result["caption"]
+    assert "MACL (warmup, paper transfer)" in result["table_markdown"] and "3 validation cases" in result["caption"]
     assert "fine-tuning recipe: warmup" in (out / "logs" / "train_macl_warmup_M2_f0.log").read_text()
     assert Path(result["paths"]["curves"][0]).read_bytes()[:8] == PNG_MAGIC
     assert {p: p.stat().st_mtime_ns for p in pre.rglob("*") if p.is_file()} == before   # user's data untouched
-    p = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     again = json.loads((out / "report" / "fewlabel_result.json").read_text())
     assert {r["status"] for r in again["run_log"]} == {"reused"}

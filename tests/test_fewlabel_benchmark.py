@@ -112,7 +112,7 @@ def test_cpu_smoke_cli_end_to_end(tmp_path):
         env.pop(var, None)  # the runner sets its own; nothing from the session may leak in
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, str(SCRIPT), "--profile", "cpu-smoke", "--workdir", str(workdir)],
-                       env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=1200)
+                       env=env, cwd=str(ROOT), capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1200)
     print(f"cpu-smoke end to end: {time.perf_counter() - t0:.0f} s")
     out = workdir / "fewlabel"
     if p.returncode != 0:

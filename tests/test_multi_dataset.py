@@ -94,7 +94,7 @@ def test_incompatible_plans_name_dataset_field_and_fix(tiny_dataset, second_data
 
 
 def _cli(args, env):
-    return subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.pretrain", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.pretrain", *args], capture_output=True, text=True, encoding="utf-8", errors="replace",
                           env=env, timeout=600)
 
 

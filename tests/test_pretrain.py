@@ -40,7 +40,7 @@ def make_unlabeled_copy(src: dict, preprocessed_root: Path, new_id: int, num_cas
 
 def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.pretrain", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+                          text=True, encoding="utf-8", errors="replace", env={**os.environ, **(env or {})}, timeout=600)
 
 
 @pytest.mark.e2e
@@ -83,7 +83,7 @@ def test_two_epoch_pretraining_without_labels(tiny_dataset, nnunet_env):
     # the collapse diagnostic a user runs on a checkpoint (and on the untrained network with --init)
     for extra in ([], ["--init"]):
         diag = subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.diagnose", str(out / "checkpoint_final.pth"),
-                               *extra], capture_output=True, text=True, timeout=600)
+                               *extra], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
         assert diag.returncode == 0, diag.stderr[-3000:]
         assert re.search(r"pooled-descriptor cosine [0-9.]+ \| projection cosine [0-9.]+ \| Lg [0-9.]+ vs chance "
                          r"log\(2B-1\) = 2.7081", diag.stdout), diag.stdout  # B = 8: log(15)

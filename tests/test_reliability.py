@@ -120,7 +120,7 @@ def test_console_script_prints_one_line_and_exits_2(nnunet_env):
     """The real entry point in its own process: no traceback, one line, exit code 2."""
     before = snapshot(nnunet_env["results"])
     proc = subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.pretrain", *args_for(979)],
-                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", env=dict(os.environ), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -436,9 +436,15 @@ def test_pretrained_weights_flag_path_is_safe_and_wins(tiny_dataset, trainer_env
     # no MACL_PRETRAINED and no default checkpoint: the -pretrained_weights weights are used, no lookup
     report = trainer.apply_macl_pretrained_weights()
     assert report is not None and report.source == str(path)
-    assert "missing in checkpoint" in report.skipped_by_reason()
-    assert torch.equal(trainer.network.state_dict()["decoder.stages.0.convs.0.conv.weight"],
-                       ckpt["network_weights"]["decoder.stages.0.convs.0.conv.weight"])
+    # nnUNetTrainerMACL hands over the encoder only, from the flag's file too; its paper-transfer variant more
+    key = "decoder.stages.0.convs.0.conv.weight"
+    assert "encoder-only transfer" in report.skipped[key] and report.encoder_loaded == report.encoder_total
+    assert not torch.equal(trainer.network.state_dict()[key], ckpt["network_weights"][key])
+    paper = _trainer(tiny_dataset["id"], tiny_dataset["plans"], "nnUNetTrainerMACL_paperTransfer")
+    rt.maybe_load_checkpoint(paper, False, False, str(path))
+    report = paper.apply_macl_pretrained_weights()
+    assert key in report.loaded and "missing in checkpoint" in report.skipped_by_reason()
+    assert torch.equal(paper.network.state_dict()[key], ckpt["network_weights"][key])
 
 
 def test_paper_schedule_optimizer(tiny_dataset, trainer_env):
@@ -462,11 +468,12 @@ def test_trainer_module_imports_by_file_path(trainer_env):
     for name in ("nnUNetTrainerMACL", "nnUNetTrainerMACL_1epoch", "nnUNetTrainerMACL_5epochs",
                  "nnUNetTrainerMACL_50epochs", "nnUNetTrainerMACL_100epochs", "nnUNetTrainerMACL_paperSchedule",
                  "nnUNetTrainerScratch_paperSchedule", "nnUNetTrainerScratch_1epoch", "nnUNetTrainerMACL_encoder",
-                 "nnUNetTrainerMACL_encoder_bench", "nnUNetTrainerMACL_warmup_encoder_bench"):
+                 "nnUNetTrainerMACL_encoder_bench", "nnUNetTrainerMACL_warmup_encoder_bench",
+                 "nnUNetTrainerMACL_paperTransfer"):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and issubclass(cls, nnUNetTrainer)
-        if name.startswith("nnUNetTrainerMACL"):
-            assert cls.macl_transfer_scope == ("encoder" if "encoder" in name else "pretrained")
+        if name.startswith("nnUNetTrainerMACL"):  # encoder only unless the name says paper transfer
+            assert cls.macl_transfer_scope == ("pretrained" if name.endswith("paperTransfer") else "encoder")
     # nnU-Net's own scratch counterparts exist under these names
     for name in ("nnUNetTrainer_1epoch", "nnUNetTrainer_5epochs", "nnUNetTrainer_50epochs", "nnUNetTrainer_100epochs"):
         assert recursive_find_trainer_class_by_name(name).__module__.startswith("nnunetv2.")

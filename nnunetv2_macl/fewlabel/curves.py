@@ -89,12 +89,17 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path, title: str =
         if not runs:
             continue
         colour = f"C{i % 10}"
-        n = min(len(r["iterations"]) for r in runs)
-        x = np.array(runs[0]["iterations"][:n], dtype=float)
-        y = np.array([r["pseudo_dice"][:n] for r in runs], dtype=float) * 100
-        ax.plot(x, np.nanmean(y, 0), color=colour, lw=1.3, label=f"{label} (pseudo-Dice, {len(runs)} run(s))")
-        if len(runs) > 1:
+        averaged, running = mean_curve_runs(runs)
+        n = min(len(r["iterations"]) for r in averaged)
+        x = np.array(averaged[0]["iterations"][:n], dtype=float)
+        y = np.array([r["pseudo_dice"][:n] for r in averaged], dtype=float) * 100
+        ax.plot(x, np.nanmean(y, 0), color=colour, lw=1.3, label=f"{label} (pseudo-Dice, {len(averaged)} run(s))")
+        if len(averaged) > 1:
             ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), color=colour, alpha=0.15, lw=0)
+        for r in running:  # beside the mean, never in it: a partial run would cut the mean short
+            ax.plot(r["iterations"], np.asarray(r["pseudo_dice"], dtype=float) * 100, color=colour, lw=0.8, ls="--")
+        if running:
+            ax.plot([], [], color=colour, lw=0.8, ls="--", label=f"{label}, {len(running)} run(s) still going")
         finals = [(r["final_iterations"], 100 * r["final_dice"]) for r in runs if r["final_dice"] is not None]
         if finals:
             fx, fy = zip(*finals)
@@ -107,6 +112,15 @@ def plot_learning_curves(curves: dict[str, list[dict]], path: Path, title: str =
     ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def mean_curve_runs(runs: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(averaged, running)``: the runs a mean curve is made of (the finished ones, or every run while
+    none has finished) and the unfinished runs left out of it (``finished`` False in the curve)."""
+    finished = [r for r in runs if r.get("finished", True)]
+    if not finished:
+        return list(runs), []
+    return finished, [r for r in runs if not r.get("finished", True)]
 
 
 def last_quarter_gain(curve: dict, window: int = 5) -> float | None:

@@ -21,7 +21,7 @@ import numpy as np
 from nnunetv2_macl.errors import FewLabelError, StepError
 from nnunetv2_macl.fewlabel import curves
 from nnunetv2_macl.fewlabel.runner import MARKER, OK, check_validation_cases, read_run_log, run_folder, task_list
-from nnunetv2_macl.fewlabel.settings import Arm, Settings
+from nnunetv2_macl.fewlabel.settings import METHOD_LABELS, Arm, Settings
 from nnunetv2_macl.fewlabel.splits import read_splits, write_json
 from nnunetv2_macl.run.subprocess_steps import read_summary
 
@@ -236,7 +236,7 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
     ]
     pre = s.pretrain_methods()
     if pre:
-        labels = ", ".join(Arm(m, "stock").label for m in pre)
+        labels = ", ".join(METHOD_LABELS.get(m, m) for m in pre)
         lines.append(
             f"Pretraining ({labels}): `macl_pretrain --method <m>`, {s.pretrain_epochs} epoch(s), batch "
             f"{s.pretrain_batch_size}, once per method, no labels, on the images of {info.get('pretrain_cases')} "
@@ -339,7 +339,8 @@ def learning_curves(out: Path, dataset_name: str, s: Settings, plan: dict, run_l
             if t.kind != "train" or t.budget != b:
                 continue
             c = curves.learning_curve(run_folder(out, t.arm, dataset_name, t.index, s), s.iters)
-            if status.get(t.key) not in OK:
+            c["finished"] = status.get(t.key) in OK
+            if not c["finished"]:
                 c["final_dice"] = c["final_iterations"] = None
             if c["iterations"]:
                 per_arm.setdefault(t.arm.label, []).append({**c, "fold": t.fold})
@@ -360,8 +361,10 @@ def plateau_table(curve_data: dict) -> str:
     lines = ["| M | arm | runs | pseudo-Dice gain in the last quarter (pp) |", "|---|---|---|---:|"]
     for budget, per_arm in curve_data.items():
         for label, runs in per_arm.items():
+            runs = [r for r in runs if r.get("finished", True)]  # a run still going has no last quarter yet
             gains = [g for g in (curves.last_quarter_gain(r) for r in runs) if g is not None]
-            cell = f"{100 * float(np.mean(gains)):+.2f}" if gains else "– (run too short)"
+            cell = (f"{100 * float(np.mean(gains)):+.2f}" if gains else
+                    "– (run too short)" if runs else "– (no finished run)")
             lines.append(f"| {budget} | {label} | {len(runs)} | {cell} |")
     return "Learning curves (`fewlabel_curves_M<M>.png`): plateau check, last 5 epochs vs the 5 before 3/4 of the run\n\n" \
         + "\n".join(lines)

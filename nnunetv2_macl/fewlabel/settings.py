@@ -34,8 +34,9 @@ class Arm:
 
     @property
     def label(self) -> str:
-        extras = [r for r in (self.recipe,) if r != "stock"] + \
-                 (["encoder only"] if self.transfer == "encoder" else [])
+        # MACL alone pretrains decoder stages: say which hand-over its row measured
+        handover = {"encoder": ["encoder only"], "pretrained": ["paper transfer"] if self.method == "macl" else []}
+        extras = [r for r in (self.recipe,) if r != "stock"] + handover[self.transfer]
         name = METHOD_LABELS.get(self.method, self.method)
         return f"{name} ({', '.join(extras)})" if extras else name
 

@@ -115,9 +115,13 @@ def bench_schedule() -> tuple[int, int, int]:
 
 
 class nnUNetTrainerMACL_bench(_BenchSchedule, _macl_trainer_module.nnUNetTrainerMACL):
-    """MACL fine-tuning with the benchmark schedule and seed (see module doc), nnU-Net's stock recipe."""
+    """MACL fine-tuning with the benchmark schedule and seed (see module doc), nnU-Net's stock recipe.
+
+    Transfers as the paper (encoder + pretrained decoder stages): the few-label arm ``macl`` keeps that meaning
+    whatever ``nnUNetTrainerMACL``'s default; ``macl@encoder`` is :class:`nnUNetTrainerMACL_encoder_bench`."""
 
     finetune_recipe = "stock"
+    macl_transfer_scope = "pretrained"
 
 
 class nnUNetTrainerScratch_bench(_BenchSchedule, _FinetuneRecipeMixin, _nnunet_trainer_module.nnUNetTrainer):

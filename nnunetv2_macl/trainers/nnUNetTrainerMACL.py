@@ -9,6 +9,10 @@ Use through stock nnU-Net (after ``pip install``)::
 nnU-Net imports this file *by path* as a top-level module (``nnunetv2.utilities.find_objects``),
 so it must only use absolute imports (``from nnunetv2_macl...``).
 
+What is handed over: the pretrained **encoder** (``macl_transfer_scope = "encoder"``, chosen by measurement,
+docs/RESULTS.md); ``nnUNetTrainerMACL_paperTransfer`` also hands over the pretrained decoder stages, as the
+paper. The scope applies to every source below, ``-pretrained_weights`` included.
+
 Which weights (first match wins; the README says the same):
 1. ``nnUNetv2_train ... -pretrained_weights FILE``: loaded by nnU-Net's ``maybe_load_checkpoint``
    through our safe, lenient loader (see below); nothing else is loaded on top. A
@@ -75,6 +79,7 @@ from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
     PRETRAINED_REPORT_ATTR,
     PRETRAINED_SOURCE_ATTR,
+    TRANSFER_SCOPE_ATTR,
     TransferReport,
     install_safe_nnunet_pretrained_loader,
     load_weights_only,
@@ -135,7 +140,7 @@ def paper_optimizers(trainer: nnUNetTrainer):
 
 
 class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
-    """nnU-Net's trainer, initialised from MACL-pretrained encoder + decoder stages (see module doc)."""
+    """nnU-Net's trainer, initialised from a MACL-pretrained encoder (see module doc and ``macl_transfer_scope``)."""
 
     #: ``stock`` or ``warmup`` (:mod:`nnunetv2_macl.trainers.schedules`); variants ``nnUNetTrainerMACL_stock``
     #: and ``nnUNetTrainerMACL_warmup`` (``recipe_trainers.py``) fix either
@@ -144,9 +149,11 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
     #: refuse a checkpoint when fewer than this fraction of the encoder's tensors fit
     macl_min_fraction = 0.5
 
-    #: ``pretrained`` (encoder and the pretrained decoder stages, as the paper) or ``encoder`` (the decoder
-    #: keeps nnU-Net's initialisation); variant ``nnUNetTrainerMACL_encoder`` (``recipe_trainers.py``)
-    macl_transfer_scope = "pretrained"
+    #: ``encoder`` (the decoder keeps nnU-Net's initialisation) or ``pretrained`` (the encoder and the
+    #: pretrained decoder stages, as the paper; variant ``nnUNetTrainerMACL_paperTransfer``). Encoder only is
+    #: the default by measurement: the pretrained decoder stages slowed fine-tuning by about 10 Dice points on
+    #: Hippocampus at 1,000 iterations, with 2 or 8 pretraining epochs (docs/RESULTS.md, issue #11).
+    macl_transfer_scope = "encoder"
 
     # the report of the transfer done at training start (None before, or when weights came otherwise)
     macl_transfer_report: TransferReport | None = None
@@ -223,6 +230,11 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
             self.print_to_log_file(report.citation, also_print_to_console=True)
 
     # ---------------------------------------------------------------- nnU-Net hooks
+    def initialize(self):
+        super().initialize()
+        # -pretrained_weights reaches our loader with the network only: it carries the hand-over
+        setattr(unwrap_network(self.network), TRANSFER_SCOPE_ATTR, self.macl_transfer_scope)
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()

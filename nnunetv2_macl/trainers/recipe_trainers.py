@@ -3,7 +3,8 @@
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_warmup     # MACL start, warm-up recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_stock      # MACL start, nnU-Net's stock recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerScratch_warmup  # random start, warm-up recipe
-    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only, decoder from scratch
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only (today's default)
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer  # encoder + pretrained decoder stages
 
 ``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
 stock recipe is nnU-Net's own ``nnUNetTrainer``. nnU-Net imports this file by path and returns the
@@ -29,9 +30,17 @@ class nnUNetTrainerMACL_warmup(_macl_trainer_module.nnUNetTrainerMACL):
 
 
 class nnUNetTrainerMACL_encoder(_macl_trainer_module.nnUNetTrainerMACL):
-    """MACL start for the encoder only: the pretrained decoder stages are not transferred (stock recipe)."""
+    """MACL start for the encoder only: the pretrained decoder stages are not transferred (stock recipe).
+
+    The default of ``nnUNetTrainerMACL`` today; this name keeps meaning encoder-only if that default moves."""
 
     macl_transfer_scope = "encoder"
+
+
+class nnUNetTrainerMACL_paperTransfer(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL start as the paper hands it over: the encoder and the pretrained decoder stages (stock recipe)."""
+
+    macl_transfer_scope = "pretrained"
 
 
 class nnUNetTrainerScratch_warmup(_FinetuneRecipeMixin, _nnunet_trainer_module.nnUNetTrainer):

@@ -535,6 +535,8 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
 # --------------------------------------------------------------------------------------------------
 PRETRAINED_SOURCE_ATTR = "_macl_pretrained_weights_source"
 PRETRAINED_REPORT_ATTR = "_macl_pretrained_weights_report"
+# set on the network by nnUNetTrainerMACL: the hand-over (TRANSFER_SCOPES) that -pretrained_weights follows too
+TRANSFER_SCOPE_ATTR = "_macl_transfer_scope"
 
 
 def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = False) -> TransferReport:
@@ -545,10 +547,13 @@ def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool =
     the file), and partial checkpoints (e.g. a MACL encoder + decoder-stage checkpoint) load the
     matching tensors instead of failing an assertion on the first absent key; too little overlap
     still fails loudly (:class:`IncompatibleCheckpointError`). The source and report are recorded on
-    the (unwrapped) network so that nnUNetTrainerMACL knows weights were given explicitly.
+    the (unwrapped) network so that nnUNetTrainerMACL knows weights were given explicitly. A network built by
+    nnUNetTrainerMACL carries its transfer scope (``TRANSFER_SCOPE_ATTR``), so the flag hands over what the
+    trainer's own lookup would; any other trainer's network takes every fitting tensor, as nnU-Net does.
     """
-    report = transfer_pretrained_weights(network, fname, log=print)
     mod = unwrap_network(network)
+    report = transfer_pretrained_weights(network, fname, log=print,
+                                         scope=getattr(mod, TRANSFER_SCOPE_ATTR, "pretrained"))
     setattr(mod, PRETRAINED_SOURCE_ATTR, report.source)
     setattr(mod, PRETRAINED_REPORT_ATTR, report)
     if verbose:
@@ -573,8 +578,8 @@ def install_safe_nnunet_pretrained_loader() -> None:
 
 
 __all__ = [
-    "CheckpointError", "IncompatibleCheckpointError", "TransferReport", "adapt_input_channels", "adapt_kernel",
-    "checkpoint_key_for", "stage_depth_offset",
+    "CheckpointError", "IncompatibleCheckpointError", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
+    "adapt_kernel", "checkpoint_key_for", "stage_depth_offset",
     "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
     "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
     "unwrap_network",
