@@ -34,9 +34,11 @@ class Arm:
 
     @property
     def label(self) -> str:
-        # MACL alone pretrains decoder stages: say which hand-over its row measured
-        handover = {"encoder": ["encoder only"], "pretrained": ["paper transfer"] if self.method == "macl" else []}
-        extras = [r for r in (self.recipe,) if r != "stock"] + handover[self.transfer]
+        extras = [r for r in (self.recipe,) if r != "stock"]
+        if self.transfer == "encoder":
+            extras.append("encoder only")
+        elif self.method == "macl":  # MACL alone pretrains decoder stages: say that its row hands them over
+            extras.append("paper transfer")
         name = METHOD_LABELS.get(self.method, self.method)
         return f"{name} ({', '.join(extras)})" if extras else name
 
