@@ -8,6 +8,7 @@ training. ``e2e``: ``macl_fewlabel`` on the tiny synthetic dataset through the r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import socket
@@ -411,6 +412,19 @@ def test_macl_fewlabel_on_a_tiny_dataset_then_resume(tiny_dataset, nnunet_env):
     again = json.loads((out / "report" / "fewlabel_result.json").read_text())
     assert {r["status"] for r in again["run_log"]} == {"reused"}
     assert [r["dice_mean"] for r in again["runs"]] == [r["dice_mean"] for r in result["runs"]]
+
+
+def test_warmup_settings_reset_only_warmup_runs():
+    """Trying another warm-up peak or length must not throw away the stock runs of a workdir."""
+    cases = [f"case_{i:03d}" for i in range(40)]
+    plain = Settings(methods=("scratch", "macl@encoder", "macl:warmup@encoder"), budgets=(4,), folds=1)
+    tuned = dataclasses.replace(plain, warmup_peak_lr=0.01, warmup_epochs=3)
+    plan = make_splits(cases, plain.budgets, 1, "heldout", 5)
+    before = {t.key: runner.task_fingerprint(t, plain, plan, cases) for t in runner.task_list(plain, plan)}
+    after = {t.key: runner.task_fingerprint(t, tuned, plan, cases) for t in runner.task_list(tuned, plan)}
+    changed = sorted(k for k in before if before[k] != after[k])
+    assert changed == ["train:macl_warmup_encoder:M4:f0"]
+    assert (after[changed[0]]["warmup_peak_lr"], after[changed[0]]["warmup_epochs"]) == (0.01, 3)
 
 
 def test_resume_moves_runs_when_split_indices_change(tmp_path):

@@ -100,9 +100,10 @@ def task_fingerprint(task: Task, s: Settings, plan: dict, cases: list[str]) -> d
     if task.kind == "pretrain":
         return pre
     entry = plan["splits"][task.index]
+    warm = task.arm.recipe == "warmup"  # the warm-up knobs shape warm-up runs only: trying one keeps the stock runs
     return {"trainer": task.arm.trainer, "epochs": s.finetune_epochs, "iters": s.iters, "val_iters": s.val_iters,
-            "batch_size": s.finetune_batch_size, "seed": s.seed, "warmup_epochs": s.warmup_epochs,
-            "warmup_peak_lr": s.warmup_peak_lr, "train": entry["train"], "val": entry["val"],
+            "batch_size": s.finetune_batch_size, "seed": s.seed, "warmup_epochs": s.warmup_epochs if warm else None,
+            "warmup_peak_lr": s.warmup_peak_lr if warm else None, "train": entry["train"], "val": entry["val"],
             "pretraining": pre if task.arm.pretrained else None}
 
 
