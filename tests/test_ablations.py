@@ -4,6 +4,7 @@ that the loss reaches exactly the parameters the switch says it should."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -51,11 +52,17 @@ def test_decoder_blocks(tiny_dataset, tmp_path, n_blocks):
         assert any_changed(changed, f"network.decoder.stages.{i}.") == (i < n_blocks), (i, n_blocks)
     assert not any_changed(changed, "network.decoder.seg_layers")
     assert any_changed(changed, "network.encoder.")
-    assert all(torch.isfinite(v) for v in comps.values())
+    weights = trainer.loss.weights
+    assert float(comps["total"]) == pytest.approx(
+        sum(w * float(comps[n]) for w, n in zip(weights, ("Lg", "Ld", "LER"))), rel=1e-5)
     with torch.no_grad():
         x = torch.randn(2, 1, *trainer.crop_size)
         out = trainer.macl(x, x, x, x)
-    assert out["dense_dominant"].shape == out["dense_auxiliary"].shape
+    # the dense maps of both branches: the auxiliary bottleneck's grid (crop / total stride 16), and
+    # the channels of decoder stage N (the bottleneck's for N = 0)
+    features = [4, 8, 8, 16, 16]
+    grid = tuple(c // 16 for c in trainer.crop_size)
+    assert out["dense_dominant"].shape == out["dense_auxiliary"].shape == (2, features[-(n_blocks + 1)], *grid)
 
 
 @pytest.mark.parametrize("weights,expect", [
@@ -76,7 +83,8 @@ def test_each_loss_on_or_off_and_lambda2(tiny_dataset, tmp_path, weights, expect
 def test_batch_size(tiny_dataset, tmp_path, batch_size):
     trainer, comps, _ = one_step(tiny_dataset, tmp_path, batch_size=batch_size)
     assert next(iter(trainer.dataloader))[0].shape[0] == batch_size
-    assert torch.isfinite(comps["total"])
+    assert trainer.contrast_samples == 2 * batch_size  # what Lg contrasts, and so its chance value
+    assert trainer.lg_chance() == pytest.approx(math.log(2 * batch_size - 1))
 
 
 @pytest.mark.parametrize("mode", ["shared", "independent", "ema"])
@@ -130,6 +138,22 @@ def test_global_through_decoder_switch(tiny_dataset, tmp_path):
 
 def test_invalid_switches_are_refused(tiny_dataset, tmp_path):
     for bad in (dict(method="moco"), dict(dense_form="l2"), dict(encoder_mode="frozen"), dict(threshold=0.0),
-                dict(loss_weights=(0.0, 0.0, 0.0))):
+                dict(loss_weights=(0.0, 0.0, 0.0)), dict(dense_contrast="pixels"), dict(dense_locations=1)):
         with pytest.raises(ConfigError):
             one_step(tiny_dataset, tmp_path, **bad)
+
+
+def test_dense_contrast_across_locations_and_dense_head(tiny_dataset, tmp_path):
+    """The spatially discriminative dense term and the dominant pixel head are switches on the one
+    path: with the head, the decoder output is projected before Ld and the head is trained with the
+    decoder stage under it; the loss is the locations form (it differs from eq. 12 on the same step)."""
+    trainer, comps, changed = one_step(tiny_dataset, tmp_path, loss_weights=(0.0, 1.0, 0.0),
+                                       dense_contrast="locations", dense_head=True)
+    assert trainer.loss.dense_contrast == "locations"
+    assert trainer.macl.pixel_head_dominant is not None
+    assert any_changed(changed, "pixel_head_dominant.") and any_changed(changed, "network.decoder.stages.1.")
+    assert float(comps["Ld"]) > 0
+    plain, plain_comps, plain_changed = one_step(tiny_dataset, tmp_path, loss_weights=(0.0, 1.0, 0.0))
+    assert plain.macl.pixel_head_dominant is None
+    assert not any(k.startswith("pixel_head_dominant") for k in plain.macl.state_dict())
+    assert float(plain_comps["Ld"]) != pytest.approx(float(comps["Ld"]), rel=1e-3)

@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -210,7 +211,8 @@ def test_downsample_sizes():
     assert downsample(torch.randn(2, 3, 64, 48), (0.25, 0.25)).shape == (2, 3, 16, 12)
     assert downsample(torch.randn(2, 3, 64, 48), 0.5).shape == (2, 3, 32, 24)
     assert downsample(torch.randn(1, 1, 16, 32, 40), (0.5, 0.25, 0.125)).shape == (1, 1, 8, 8, 5)
-    assert downsample(torch.randn(1, 1, 10, 10), (0.33, 1.0)).shape == (1, 1, round(3.3), 10)
+    # like a stride-k convolution with centred padding: ceil(n / k)
+    assert downsample(torch.randn(1, 1, 10, 9), (0.25, 1.0)).shape == (1, 1, 3, 9)
 
 
 def test_downsample_identity_returns_x():
@@ -227,15 +229,35 @@ def test_downsample_constant_stays_constant(shape, scale):
     torch.testing.assert_close(y, torch.full_like(y, 3.7))
 
 
-@pytest.mark.parametrize("shape,scale", [((2, 3, 64, 48), (0.25, 0.25)), ((1, 2, 8, 16, 24), (0.5, 0.25, 0.125))])
-def test_downsample_is_block_average(shape, scale):
-    """Output cell j is the mean of input cells [j/lambda, (j+1)/lambda): the region a strided feature
-    map's cell sees (bilinear with align_corners=True would sample the corners instead)."""
-    x = torch.randn(shape)
+def _centred_window(n: int, k: int, i: int) -> range:
+    """The input pixels output pixel i averages: a window centred on k*i, k+1 wide for even k (k for
+    odd k), clipped to the input (METHOD.md: cell j of a stride-T map sits on pixel T*j)."""
+    half = (k + 1 if k % 2 == 0 else k) // 2 if k > 1 else 0
+    return range(max(0, k * i - half), min(n, k * i + half + 1))
+
+
+@pytest.mark.parametrize("shape,scale", [((2, 3, 16, 12), (0.25, 0.25)), ((1, 2, 4, 8, 12), (0.5, 0.25, 1.0 / 3))])
+def test_downsample_averages_a_window_centred_on_every_kth_pixel(shape, scale):
+    """Written out pixel by pixel: output i stands for input k*i, where nnU-Net's stride-k grids put
+    their cell i (a k x k block average would stand for k*i + (k-1)/2)."""
+    x = torch.randn(shape, dtype=torch.float64)
     y = downsample(x, scale)
-    k = tuple(int(round(1 / s)) for s in scale)
-    pool = torch.nn.functional.avg_pool2d if len(k) == 2 else torch.nn.functional.avg_pool3d
-    torch.testing.assert_close(y, pool(x, k))
+    k = [int(round(1 / s)) for s in scale]
+    for index in itertools.product(*[range(n) for n in y.shape[2:]]):
+        windows = [list(_centred_window(n, f, i)) for n, f, i in zip(x.shape[2:], k, index)]
+        expected = x[(slice(None), slice(None)) + tuple(slice(w[0], w[-1] + 1) for w in windows)]
+        expected = expected.flatten(2).mean(dim=2)
+        torch.testing.assert_close(y[(slice(None), slice(None)) + index], expected)
+
+
+def test_downsample_of_an_impulse_is_centred():
+    """An impulse on pixel k*i lands on output i alone, symmetric around it: a block average would
+    put pixel k*i into output i together with the k-1 pixels to its right only."""
+    x = torch.zeros(1, 1, 17, 17)
+    x[0, 0, 8, 8] = 1.0
+    y = downsample(x, 0.25)
+    assert y[0, 0].argmax().item() == 2 * 5 + 2  # (8 / 4, 8 / 4) on the 5 x 5 output
+    assert torch.count_nonzero(y).item() == 1
 
 
 def test_downsample_dtype_and_grad():
@@ -250,7 +272,8 @@ def test_downsample_dtype_and_grad():
 @pytest.mark.parametrize(
     "x,scale",
     [
-        (torch.randn(1, 1, 8, 8), (0.01, 0.5)),  # size < 1
+        (torch.randn(1, 1, 8, 8), (0.3, 0.5)),  # not 1/k for an integer k
+        (torch.randn(1, 1, 8, 8), (2.0, 0.5)),  # up-sampling
         (torch.randn(1, 1, 8, 8), (0.5,)),  # wrong number of factors
         (torch.randn(1, 1, 8, 8), (0.0, 0.5)),
         (torch.randn(1, 1, 8, 8), (-0.5, 0.5)),

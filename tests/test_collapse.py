@@ -102,8 +102,13 @@ def test_epoch_end_logs_chance_diagnostics_and_warns_at_chance(tiny_dataset, tmp
     assert len(re.findall(r"pooled-descriptor cosine [0-9.]+ \| projection cosine [0-9.]+", log)) == 2
     logged = trainer.logging
     assert logged["Lg_chance"] == [pytest.approx(chance)] * 2
-    assert all(-1 <= v <= 1 for v in logged["cos_descriptor"] + logged["cos_projection"])
-    assert all(v > 0 for v in logged["bottleneck_abs"])
+    # the logged diagnostics are those of the fixed batch, the same in both epochs (no step in between)
+    d = trainer.compute_diagnostics()
+    for key in ("cos_descriptor", "cos_projection", "bottleneck_abs"):
+        assert logged[key] == [pytest.approx(d[key], rel=1e-5)] * 2, key
+    assert f"projection cosine {d['cos_projection']:.4f}" in log
+    # each loss's share of the total, from the epoch means and the weights (1, 0.5, 1)
+    assert f"shares of the total: Lg {chance / 2.0:.1%}, Ld {0.5 * 1.0 / 2.0:.1%}, LER {0.1 / 2.0:.1%}" in log
     assert (tmp_path / "out" / "progress.png").is_file()
 
 
@@ -122,3 +127,33 @@ def test_progress_plot_draws_the_chance_line():
     chance_lines = [line for line in ax.lines if "chance" in line.get_label()]
     assert len(chance_lines) == 1 and list(chance_lines[0].get_ydata()) == [math.log(31)] * 2
     plt.close(fig)
+
+
+def test_diagnostics_use_the_batch_statistics_and_leave_the_run_untouched(tiny_dataset, tmp_path):
+    """Diagnostics run the heads as a training step does (BatchNorm on the batch's statistics), so they
+    mean the same at initialisation, where the running statistics are 0/1, and after training. They
+    neither update the running statistics nor consume the run's random numbers."""
+    trainer, _, _ = one_step(tiny_dataset, tmp_path)
+    norms = [m for m in trainer.macl.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms
+    buffers = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    rng = torch.random.get_rng_state()
+    first = trainer.compute_diagnostics()
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    for m, saved in zip(norms, buffers):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, saved[k]), k
+    for m in norms:  # running statistics far from the batch's: evaluation mode would change every value
+        m.running_mean.add_(5.0)
+        m.running_var.mul_(9.0)
+    second = trainer.compute_diagnostics()
+    for key in ("cos_projection", "Lg", "Ld", "LER"):
+        assert second[key] == pytest.approx(first[key], rel=1e-5), key
+    # each objective next to its reference: Ld's chance is the loss of equal features, LER's the value of
+    # maps paired with another sample's
+    assert first["Ld_chance"] > 0 and first["LER_unpaired"] > 0
+    trainer.macl.eval()
+    images, positions, content = trainer._diagnostic_batch
+    with torch.no_grad():
+        out = trainer.macl(images, images, images, images, need=("global",))
+    assert mean_pairwise_cosine(out["global_auxiliary"]) != pytest.approx(first["cos_projection"], abs=1e-3)

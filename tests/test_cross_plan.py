@@ -54,10 +54,24 @@ def _network(plans_file, seed=0):
                                   cm.network_arch_init_kwargs_req_import, 1, 2, allow_init=True, deep_supervision=True)
 
 
-def _checkpoint(net, decoder_blocks=2):
+def _checkpoint(net, decoder_blocks=2, arch_kwargs=None):
     prefixes = ["encoder."] + [f"decoder.{m}.{i}." for m in ("stages", "transpconvs") for i in range(decoder_blocks)]
-    return {"network_weights": {k: v.detach().clone() for k, v in net.state_dict().items()},
-            "macl": {"decoder_blocks": decoder_blocks, "pretrained_prefixes": prefixes, "input_channels": 1}}
+    meta = {"decoder_blocks": decoder_blocks, "pretrained_prefixes": prefixes, "input_channels": 1}
+    if arch_kwargs is not None:  # the plan it was pretrained with, as MACL pretraining records it
+        meta["network_arch_init_kwargs"] = arch_kwargs
+    return {"network_weights": {k: v.detach().clone() for k, v in net.state_dict().items()}, "macl": meta}
+
+
+def _assert_stride_notes(report, ckpt_arch, net_arch):
+    """Every encoder stage (from the top) whose stride differs between the two plans is named with both."""
+    changed = [s for s in range(min(ckpt_arch["n_stages"], net_arch["n_stages"]))
+               if list(ckpt_arch["strides"][s]) != list(net_arch["strides"][s])]
+    assert changed, "plans A and B must differ in some encoder stride for this test"
+    stride_notes = [n for n in report.notes if "stride" in n]
+    assert len(stride_notes) == len(changed), report.notes
+    for s, note in zip(changed, stride_notes):
+        assert f"encoder stage {s}" in note
+        assert str(list(ckpt_arch["strides"][s])) in note and str(list(net_arch["strides"][s])) in note
 
 
 def test_kernel_adaptation_rules():
@@ -81,7 +95,7 @@ def test_kernel_adaptation_rules():
 
 def test_deeper_isotropic_plan_into_shallower_anisotropic_plan(plans_ab):
     a = _network(plans_ab[ID_A]["plans_file"], seed=0)
-    ckpt = _checkpoint(a)
+    ckpt = _checkpoint(a, arch_kwargs=plans_ab[ID_A]["arch"])
     b = _network(plans_ab[ID_B]["plans_file"], seed=1)
     before = {k: v.clone() for k, v in b.state_dict().items()}
     report = transfer_pretrained_weights(b, ckpt, log=None)
@@ -97,9 +111,14 @@ def test_deeper_isotropic_plan_into_shallower_anisotropic_plan(plans_ab):
     assert report.encoder_loaded == report.encoder_total
     # decoder stages matched by the encoder stage they join: B's deepest takes A's second deepest
     offset = n_a - n_b
-    for k in ("decoder.stages.0.convs.1.norm.weight", "decoder.transpconvs.0.bias"):
-        ck = k.replace(".0.", f".{offset}.", 1)
-        assert torch.equal(sd[k], src[ck]) and f"from {ck}" in report.adapted[k]
+    k = "decoder.stages.0.convs.1.norm.weight"
+    ck = k.replace(".0.", f".{offset}.", 1)
+    assert torch.equal(sd[k], src[ck]) and f"from {ck}" in report.adapted[k]
+    # ... except B's transpconvs.0, which reads B's bottleneck, where A's counterpart read a decoder stage's
+    # output: initialisation kept (it used to load because the shapes fit)
+    for k in ("decoder.transpconvs.0.weight", "decoder.transpconvs.0.bias"):
+        assert torch.equal(sd[k], before[k]) and report.skipped[k].startswith("role differs")
+    _assert_stride_notes(report, plans_ab[ID_A]["arch"], plans_ab[ID_B]["arch"])
     # B's decoder stage 1 corresponds to A's stage 2, which MACL did not pretrain (N = 2 -> 0, 1)
     assert torch.equal(sd["decoder.stages.1.convs.0.conv.weight"], before["decoder.stages.1.convs.0.conv.weight"])
     assert report.skipped["decoder.stages.1.convs.0.conv.weight"].startswith("not pretrained")
@@ -114,7 +133,8 @@ def test_shallower_plan_into_deeper_plan_keeps_extra_stage_at_init(plans_ab):
     b = _network(plans_ab[ID_B]["plans_file"], seed=0)
     a = _network(plans_ab[ID_A]["plans_file"], seed=1)
     before = {k: v.clone() for k, v in a.state_dict().items()}
-    report = transfer_pretrained_weights(a, _checkpoint(b), log=None)
+    ckpt = _checkpoint(b, arch_kwargs=plans_ab[ID_B]["arch"])
+    report = transfer_pretrained_weights(a, ckpt, log=None)
     n_a = plans_ab[ID_A]["arch"]["n_stages"]
     extra = f"encoder.stages.{n_a - 1}.0.convs.0.conv.weight"
     assert torch.equal(a.state_dict()[extra], before[extra]) and report.skipped[extra].startswith("missing")
@@ -122,6 +142,13 @@ def test_shallower_plan_into_deeper_plan_keeps_extra_stage_at_init(plans_ab):
     k0 = "encoder.stages.0.0.convs.0.conv.weight"  # [1,3,3] -> [3,3,3]: zero-padded around it
     assert "[1, 3, 3] -> [3, 3, 3]" in report.adapted[k0] and not a.state_dict()[k0][:, :, 0].any()
     assert 0.5 <= report.encoder_loaded / report.encoder_total < 1
+    # A's transpconvs.1 reads decoder stage 0's output, B's transpconvs.0 (same skip level) B's bottleneck
+    for k in ("decoder.transpconvs.1.weight", "decoder.transpconvs.1.bias"):
+        assert torch.equal(a.state_dict()[k], before[k]) and report.skipped[k].startswith("role differs")
+    # A's transpconvs.2 <- B's transpconvs.1: both read a decoder stage's output; kernel = stride adapted
+    assert "decoder.transpconvs.2.weight" in report.loaded and "from decoder.transpconvs.1.weight" in \
+        report.adapted["decoder.transpconvs.2.weight"]
+    _assert_stride_notes(report, plans_ab[ID_B]["arch"], plans_ab[ID_A]["arch"])
     # too little fits for the threshold asked: still refused (one of four encoder stages missing)
     with pytest.raises(IncompatibleCheckpointError, match="does not fit"):
         transfer_pretrained_weights(_network(plans_ab[ID_A]["plans_file"]), _checkpoint(b), min_fraction=0.9,

@@ -132,3 +132,88 @@ def test_torchrun_two_processes_gathered_and_per_gpu_negatives(tiny_dataset, tmp
     assert "Epoch 2/2" in log and log.count("Lg contrasts 8 samples per step") == 2
     ckpt = _check_strict_load(local)
     assert ckpt["logging"]["Lg_chance"] == [pytest.approx(math.log(7))] * 2
+
+
+# ----------------------------------------------------------------------------- the real model and heads
+def _tiny_macl(global_batchnorm: bool):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from torch import nn
+
+    from nnunetv2_macl.model.macl_network import MACLNetwork
+    from nnunetv2_macl.training.distributed import use_global_batchnorm
+
+    torch.manual_seed(0)
+    network = PlainConvUNet(1, 3, [4, 8, 8], nn.Conv2d, 3, [1, 2, 2], 2, 2, 2, conv_bias=True,
+                            norm_op=nn.InstanceNorm2d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+    macl = MACLNetwork(network, decoder_blocks=1).double()
+    if global_batchnorm:
+        assert use_global_batchnorm(macl) == 2  # one BatchNorm in each image-level head
+    return macl
+
+
+def _model_batch():
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(WORLD * N_PER_RANK, 1, 32, 32, generator=g, dtype=torch.float64)
+    # fixed views (no randomness to share between processes): mirrored and transposed slices
+    return images, images.flip(-1), images.transpose(-1, -2), torch.rand(WORLD * N_PER_RANK, generator=g)
+
+
+def _model_loss(macl, images, v1, v2, positions, gather):
+    out = macl(images, v1, images, v2)
+    if gather:
+        out = {k: all_gather_with_grad(v) for k, v in out.items()}
+        positions = all_gather_with_grad(positions)
+    total, _ = MultiLevelContrastiveLoss()(out, positions)
+    return total
+
+
+def _model_worker(rank: int, init_file: str, out_dir: str, global_batchnorm: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        macl = _tiny_macl(global_batchnorm)
+        images, v1, v2, positions = _model_batch()
+        sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        total = _model_loss(macl, images[sl], v1[sl], v2[sl], positions[sl], gather=True)
+        total.backward()
+        grads = {}
+        for name, p in macl.named_parameters():
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)  # what DDP does, then divides by the number of processes
+            grads[name] = g / WORLD
+        running = {k: v for k, v in macl.state_dict().items() if "running_mean" in k}
+        torch.save({"loss": total.detach(), "grads": grads, "running": running}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_model(global_batchnorm: bool):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_model_worker, args=(os.path.join(tmp, "init"), tmp, global_batchnorm), nprocs=WORLD, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+def test_two_processes_with_the_real_model_and_heads_equal_one_process():
+    """MACLNetwork (encoder, partial decoder, all four heads) on 2 x 4 slices in two processes, with
+    gathered negatives and the heads' BatchNorm on the global batch: the loss, every parameter gradient
+    (averaged over processes, as DDP does) and the running statistics equal one process on the 8 slices.
+    With per-process BatchNorm the two views of a slice are normalised together but the negatives from
+    the other process with other statistics, and the loss differs."""
+    macl = _tiny_macl(global_batchnorm=False)
+    images, v1, v2, positions = _model_batch()
+    total = _model_loss(macl, images, v1, v2, positions, gather=False)
+    total.backward()
+    reference = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in macl.named_parameters()}
+    running = {k: v for k, v in macl.state_dict().items() if "running_mean" in k}
+
+    results = _run_model(global_batchnorm=True)
+    for r, res in enumerate(results):
+        assert torch.allclose(res["loss"], total.detach(), rtol=1e-6), (r, res["loss"], total)  # float32 loss
+        for name, g in res["grads"].items():
+            assert torch.allclose(g, reference[name], rtol=1e-4, atol=1e-7), name
+        for k, v in res["running"].items():
+            assert torch.allclose(v, running[k], rtol=1e-9, atol=1e-12), k
+
+    per_process = _run_model(global_batchnorm=False)
+    assert not torch.allclose(per_process[0]["loss"], total.detach(), atol=1e-4)

@@ -6,6 +6,7 @@ per-anchor loops over python floats), never from the code under test.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -186,7 +187,9 @@ def test_supcon_is_stable_for_tiny_temperature():
     features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     mask = instance_positive_mask(2, 2)
     loss = masked_supcon_loss(features, mask, tau=1e-3)
-    assert torch.isfinite(loss)
+    # by hand with logsumexp (similarities / tau are +-1000 or 0): anchors 0..3 lose 2000, 1000, 1000 and
+    # log 3 (its three others all tie at 0)
+    assert loss.item() == pytest.approx((2000 + 1000 + 1000 + math.log(3)) / 4, rel=1e-5)
 
 
 def test_position_supcon_module_stacks_branches():
@@ -282,16 +285,34 @@ def test_dense_mse_and_byol_forms():
 
 
 # ----------------------------------------------------------------------------- LER
-def _unit(y: torch.Tensor) -> torch.Tensor:
-    return y / y.norm(dim=1, keepdim=True)
+def naive_equivariance(y: torch.Tensor, y_tilde_paired: torch.Tensor) -> float:
+    """METHOD.md's LER written out with python floats: per sample, each channel centred over the
+    locations; per location, the channel vector made unit length; L1 over channels / sqrt(C); mean
+    over samples and locations."""
+    def directions(t):
+        n, c = t.shape[:2]
+        flat = t.double().reshape(n, c, -1).tolist()
+        out = []
+        for sample in flat:
+            means = [sum(ch) / len(ch) for ch in sample]
+            centred = [[v - m for v in ch] for ch, m in zip(sample, means)]
+            locations = list(zip(*centred))
+            out.append([[v / max(math.sqrt(sum(w * w for w in loc)), 1e-12) for v in loc] for loc in locations])
+        return out
+
+    a, b = directions(y), directions(y_tilde_paired)
+    c = y.shape[1]
+    per_location = [sum(abs(u - v) for u, v in zip(la, lb)) / math.sqrt(c)
+                    for sa, sb in zip(a, b) for la, lb in zip(sa, sb)]
+    return sum(per_location) / len(per_location)
 
 
-def test_equivariance_same_size_is_l1_of_unit_channel_vectors():
+def test_equivariance_same_size_matches_the_written_out_formula():
     g = torch.Generator().manual_seed(10)
     y = torch.randn(2, 3, 4, 4, generator=g)
     other = torch.randn(2, 3, 4, 4, generator=g)
-    assert equivariance_loss(y, y.clone()).item() == pytest.approx(0.0, abs=1e-7)
-    expected = (_unit(y) - _unit(other)).abs().mean().item()
+    assert equivariance_loss(y, y.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    expected = naive_equivariance(y, other)
     assert equivariance_loss(y, other).item() == pytest.approx(expected, rel=1e-5)
     assert EquivarianceLoss()(y, other).item() == pytest.approx(expected, rel=1e-5)
 
@@ -306,21 +327,58 @@ def test_equivariance_cannot_be_lowered_by_scaling_the_features():
         assert equivariance_loss(factor * y, factor * y_tilde).item() == pytest.approx(base, rel=1e-4)
 
 
-def test_equivariance_pairs_block_averages_2d():
-    # 4x4 -> 2x2 averages 2x2 blocks: y equal to the block means gives 0, corners would not
-    y_tilde = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(11))
-    blocks = torch.nn.functional.avg_pool2d(y_tilde, 2)
-    assert equivariance_loss(blocks, y_tilde).item() == pytest.approx(0.0, abs=1e-6)
-    assert equivariance_loss(y_tilde[:, :, ::3, ::3], y_tilde).item() > 0.05
+def test_equivariance_ignores_a_vector_all_locations_share():
+    """InstanceNorm + LeakyReLU leave a large common vector at every location; LER compares the spatial
+    pattern, so adding one to either map changes nothing (uncentred, it pushed LER towards 0)."""
+    g = torch.Generator().manual_seed(15)
+    y, y_tilde = torch.randn(3, 16, 4, 4, generator=g), torch.randn(3, 16, 4, 4, generator=g)
+    base = equivariance_loss(y, y_tilde).item()
+    common = 50 * torch.randn(3, 16, 1, 1, generator=g)
+    assert equivariance_loss(y + common, y_tilde).item() == pytest.approx(base, rel=1e-4)
+    assert equivariance_loss(y, y_tilde - common).item() == pytest.approx(base, rel=1e-4)
 
 
-def test_equivariance_pairs_block_averages_3d():
-    y_tilde = torch.randn(1, 3, 4, 4, 4, generator=torch.Generator().manual_seed(13))
-    assert equivariance_loss(torch.nn.functional.avg_pool3d(y_tilde, 2), y_tilde).item() == pytest.approx(0.0, abs=1e-6)
+def test_equivariance_has_a_scale_that_acts():
+    """Unrelated maps give about 2/sqrt(pi) whatever the channel count (L1 of independent unit vectors,
+    summed over C and divided by sqrt(C)); a map with no spatial pattern is not a free zero."""
+    g = torch.Generator().manual_seed(16)
+    for channels in (32, 256):
+        y, y_tilde = torch.randn(8, channels, 4, 4, generator=g), torch.randn(8, channels, 4, 4, generator=g)
+        assert equivariance_loss(y, y_tilde).item() == pytest.approx(2 / math.sqrt(math.pi), abs=0.08)
+        constant = torch.randn(8, channels, 1, 1, generator=g).expand(8, channels, 4, 4)
+        assert equivariance_loss(constant, y_tilde).item() > 0.5
+        assert equivariance_loss(y, constant).item() > 0.5
+
+
+def _centred_means(y_tilde: torch.Tensor, k: tuple[int, ...]) -> torch.Tensor:
+    """Y~ paired to the dominant grid by hand: cell j is the mean of the cells within k/2 of k*j."""
+    spatial = y_tilde.shape[2:]
+    grid = [n // f for n, f in zip(spatial, k)]
+    out = torch.empty(*y_tilde.shape[:2], *grid, dtype=y_tilde.dtype)
+    for index in itertools.product(*[range(g) for g in grid]):
+        window = tuple(slice(max(0, f * j - f // 2), min(n, f * j + f // 2 + 1)) if f > 1 else slice(j, j + 1)
+                       for j, f, n in zip(index, k, spatial))
+        out[(slice(None), slice(None)) + index] = y_tilde[(slice(None), slice(None)) + window].flatten(2).mean(2)
+    return out
+
+
+def test_equivariance_pairs_y_j_with_a_window_centred_on_k_j_2d():
+    # the dominant cell j sits on the input pixel of auxiliary cell k*j (METHOD.md, geometry)
+    y_tilde = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    paired = _centred_means(y_tilde, (4, 4))
+    assert equivariance_loss(paired, y_tilde).item() == pytest.approx(0.0, abs=1e-5)
+    assert equivariance_loss(paired, y_tilde).item() == pytest.approx(naive_equivariance(paired, paired), abs=1e-6)
+    blocks = torch.nn.functional.avg_pool2d(y_tilde, 4)  # the former pairing: block k*j .. k*j+k-1
+    assert equivariance_loss(blocks, y_tilde).item() > 0.1
+
+
+def test_equivariance_pairs_y_j_with_a_window_centred_on_k_j_3d():
+    y_tilde = torch.randn(1, 3, 4, 8, 8, generator=torch.Generator().manual_seed(13))
+    assert equivariance_loss(_centred_means(y_tilde, (2, 2, 2)), y_tilde).item() == pytest.approx(0.0, abs=1e-5)
     # anisotropic: one axis not down-sampled (lambda = 1 on that axis)
-    y_tilde = torch.randn(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(14))
-    y = torch.nn.functional.avg_pool3d(y_tilde, (1, 2, 2))
-    assert equivariance_loss(y, y_tilde).item() == pytest.approx(0.0, abs=1e-6)
+    y = _centred_means(y_tilde, (1, 2, 4))
+    assert equivariance_loss(y, y_tilde).item() == pytest.approx(0.0, abs=1e-5)
+    assert equivariance_loss(torch.nn.functional.avg_pool3d(y_tilde, (1, 2, 4)), y_tilde).item() > 0.1
 
 
 # ----------------------------------------------------------------------------- L_MLC
@@ -361,7 +419,10 @@ def test_multilevel_switched_off_components_need_no_outputs():
     assert total.item() == pytest.approx(parts["Lg"].item() + parts["LER"].item(), rel=1e-6)
     # SimCLR baseline: instance positives, positions not needed.
     total, _ = MultiLevelContrastiveLoss(weights=(1.0, 0.0, 0.0), positives="instance")(pcl_outputs, None)
-    assert torch.isfinite(total)
+    n = pcl_outputs["global_dominant"].shape[0]
+    other_view = [[a != b and a % n == b % n for b in range(2 * n)] for a in range(2 * n)]
+    features = torch.cat([pcl_outputs["global_dominant"], pcl_outputs["global_auxiliary"]])
+    assert total.item() == pytest.approx(naive_supcon(features, other_view, 0.1), rel=1e-5)
 
 
 def test_multilevel_missing_output_names_the_key():
@@ -515,9 +576,98 @@ def test_dense_loss_drops_cells_below_half_content_per_sample():
     """Sample 0 is padding in the first column only; the other samples are all image."""
     from nnunetv2_macl.losses.dense_contrastive import content_cells
 
+    # a 2x2 grid on an 8x8 crop: cell column j sits on pixel column 4j and sees columns 4j-2 .. 4j+2
+    # (inside the crop: 0..2 for j = 0, 2..6 for j = 1)
     content = torch.ones(3, 1, 8, 8)
-    content[0, :, :, :3] = 0  # cell column 0 of a 2x2 grid (4 px wide) is 3/4 padding for sample 0
+    content[0, :, :, :2] = 0  # column 0's cells see 1 image column of 3: dropped; column 1's 5 of 5
     cells = content_cells(content, (2, 2))
     assert cells.tolist() == [[False, True, False, True], [True] * 4, [True] * 4]
-    content[1, :, :, :2] = 0  # exactly half: kept
-    assert content_cells(content, (2, 2))[1].all()
+    content[1, :, :, 6:] = 0  # column 1's cells see 4 image columns of 5: kept
+    content[2, :, :, 5:] = 0  # column 1's cells see 3 of 5: kept; 4..8 zero would leave 2 of 5
+    assert content_cells(content, (2, 2))[1:].all()
+    content[2, :, :, 4:] = 0
+    assert content_cells(content, (2, 2))[2].tolist() == [True, False, True, False]
+
+
+# ----------------------------------------------------------------------------- Ld across locations
+def naive_supcon_with_exclusions(features: torch.Tensor, positive, excluded, tau: float) -> float:
+    """SupCon where excluded pairs are neither positives nor in the denominator, anchor by anchor."""
+    f = [[float(x) for x in row] for row in features.double()]
+    f = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in f]
+    m = len(f)
+
+    def sim(a: int, b: int) -> float:
+        return sum(x * y for x, y in zip(f[a], f[b])) / tau
+
+    losses = []
+    for a in range(m):
+        others = [k for k in range(m) if k != a and not excluded[a][k]]
+        pos = [b for b in others if positive[a][b]]
+        if not pos:
+            continue
+        log_denominator = math.log(sum(math.exp(sim(a, k)) for k in others))
+        losses.append(-sum(sim(a, b) - log_denominator for b in pos) / len(pos))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("slice_positives", [False, True])
+def test_location_contrast_matches_the_written_out_rule(slice_positives):
+    """Rows (branch, slice, cell): the positive of a cell is the same cell of the same slice in the other
+    branch (and, asked for, of slices within t); the same cell of other slices is otherwise left out;
+    every other cell of any slice is a negative."""
+    g = torch.Generator().manual_seed(31)
+    n, c = 3, 5
+    dom, aux = torch.randn(n, c, 2, 2, generator=g), torch.randn(n, c, 2, 2, generator=g)
+    positions = [0.1, 0.15, 0.8]
+    rows = [(branch, i, cell) for branch in range(2) for i in range(n) for cell in range(4)]
+    features = torch.stack([(dom if b == 0 else aux)[i, :, cell // 2, cell % 2] for b, i, cell in rows])
+    positive, excluded = [], []
+    for _, i, ci in rows:
+        positive.append([])
+        excluded.append([])
+        for _, j, cj in rows:
+            near = abs(positions[i] - positions[j]) < 0.1
+            same_cell_other_slice = ci == cj and i != j
+            positive[-1].append((ci == cj and i == j) or (slice_positives and same_cell_other_slice and near))
+            excluded[-1].append(same_cell_other_slice and not (slice_positives and near))
+    expected = naive_supcon_with_exclusions(features, positive, excluded, 0.1)
+    loss = dense_contrastive_loss(dom, aux, torch.tensor(positions), contrast="locations", locations=64,
+                                  slice_positives=slice_positives)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_location_contrast_is_not_met_by_a_map_without_spatial_detail():
+    """A map that is constant over locations and encodes only the slice meets eq. 12 (its negatives at a
+    location are other slices there) but is at chance for the contrast across locations."""
+    g = torch.Generator().manual_seed(32)
+    n, c = 8, 16
+    per_slice = torch.randn(n, c, 1, 1, generator=g).expand(n, c, 4, 4).contiguous()
+    positions = torch.linspace(0.05, 0.95, n)
+    by_slices = dense_contrastive_loss(per_slice, per_slice, positions, contrast="slices").item()
+    by_locations = dense_contrastive_loss(per_slice, per_slice, positions, contrast="locations").item()
+    assert by_slices < 0.5 * math.log(2 * n - 1)
+    # it can push the cells of other slices away, but the other 2 x 16 - 1 cells of its own slice tie with
+    # the positive: the loss cannot go below log(31)
+    assert by_locations >= math.log(2 * 16 - 1) - 1e-4
+    detailed = torch.randn(n, c, 4, 4, generator=g)
+    assert dense_contrastive_loss(detailed, detailed, positions, contrast="locations").item() < 0.5 * by_locations
+
+
+def test_location_contrast_samples_a_shared_subset_and_skips_padding():
+    g = torch.Generator().manual_seed(33)
+    dom, aux = torch.randn(4, 6, 8, 8, generator=g), torch.randn(4, 6, 8, 8, generator=g)
+    positions = torch.tensor([0.1, 0.3, 0.5, 0.7])
+    torch.manual_seed(0)
+    a = dense_contrastive_loss(dom, aux, positions, contrast="locations", locations=16)
+    torch.manual_seed(0)
+    b = dense_contrastive_loss(dom, aux, positions, contrast="locations", locations=16)
+    assert a.item() == b.item()
+    content = torch.zeros(4, 1, 32, 32)
+    content[..., 16:] = 1
+    garbage = dom.clone()
+    garbage[..., :4] = 100 * torch.randn(4, 6, 8, 4, generator=g)
+    torch.manual_seed(1)
+    clean = dense_contrastive_loss(dom, aux, positions, contrast="locations", content=content, locations=64)
+    torch.manual_seed(1)
+    assert dense_contrastive_loss(garbage, aux, positions, contrast="locations", content=content,
+                                  locations=64).item() == pytest.approx(clean.item(), rel=1e-5)

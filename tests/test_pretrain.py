@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import math
 import re
 import shutil
 import subprocess
@@ -81,12 +82,20 @@ def test_two_epoch_pretraining_without_labels(tiny_dataset, nnunet_env):
     assert len(log["Lg_chance"]) == 2 and len(log["cos_projection"]) == 2
 
     # the collapse diagnostic a user runs on a checkpoint (and on the untrained network with --init)
+    printed = {}
     for extra in ([], ["--init"]):
         diag = subprocess.run([sys.executable, "-m", "nnunetv2_macl.run.diagnose", str(out / "checkpoint_final.pth"),
                                *extra], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
         assert diag.returncode == 0, diag.stderr[-3000:]
-        assert re.search(r"pooled-descriptor cosine [0-9.]+ \| projection cosine [0-9.]+ \| Lg [0-9.]+ vs chance "
-                         r"log\(2B-1\) = 2.7081", diag.stdout), diag.stdout  # B = 8: log(15)
+        found = re.search(r"projection cosine ([0-9.]+) \| Lg ([0-9.]+) vs chance log\(2B-1\) = ([0-9.]+) .*"
+                          r"\| Ld ([0-9.]+) vs chance ([0-9.]+) .*\| LER ([0-9.]+) vs unpaired maps ([0-9.]+)", diag.stdout)
+        assert found, diag.stdout
+        printed[bool(extra)] = [float(v) for v in found.groups()]
+        assert printed[bool(extra)][2] == pytest.approx(math.log(15), abs=1e-4)  # B = 8
+    # on the checkpoint: the diagnostics its last epoch logged (same fixed batch, same seed)
+    assert printed[False][0] == pytest.approx(log["cos_projection"][-1], abs=1e-4)
+    # the untrained network is another network: its values differ
+    assert printed[True][0] != pytest.approx(printed[False][0], abs=1e-3)
 
 
 @pytest.mark.e2e

@@ -250,6 +250,190 @@ def test_input_channel_adaptation_resenc_stem(plans_file):
     torch.testing.assert_close(net.state_dict()[key], ckpt["network_weights"][key].mean(1, keepdim=True))
 
 
+# ----------------------------------------------------------------------------------------------- depth, roles, strides
+def _kwargs_with_depth(plans_file, delta: int) -> dict:
+    """The plans' PlainConvUNet kwargs with one encoder stage removed (delta = -1) or appended (+1)."""
+    _, cm = _arch(plans_file)
+    kw = dict(cm.network_arch_init_kwargs)
+    per_stage = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage")
+    if delta < 0:
+        for k in per_stage:
+            kw[k] = list(kw[k])[:-1]
+        kw["n_conv_per_stage_decoder"] = list(kw["n_conv_per_stage_decoder"])[:-1]
+    else:  # one more stage below the bottleneck, built like the deepest one
+        for k in per_stage:
+            kw[k] = list(kw[k]) + [kw[k][-1]]
+        kw["n_conv_per_stage_decoder"] = list(kw["n_conv_per_stage_decoder"]) + [kw["n_conv_per_stage_decoder"][-1]]
+    kw["n_stages"] += delta
+    return kw
+
+
+def _stage_input_columns(net, stage: int) -> tuple[slice, slice]:
+    """(upsampled, skip) input channels of ``net.decoder.stages[stage]``, found by running the network:
+    the block of the stage's input that equals the encoder skip it joins."""
+    captured = {}
+    n_enc = len(net.encoder.stages)
+    hooks = [net.decoder.stages[stage].register_forward_pre_hook(lambda m, a: captured.__setitem__("in", a[0])),
+             net.encoder.stages[n_enc - 2 - stage].register_forward_hook(
+                 lambda m, a, out: captured.__setitem__("skip", out))]
+    with torch.no_grad():
+        net.eval()(torch.randn(1, net.encoder.stages[0][0].convs[0].conv.in_channels, 32, 32))
+    for h in hooks:
+        h.remove()
+    c = captured["skip"].shape[1]
+    assert captured["in"].shape[1] == 2 * c
+    if torch.equal(captured["in"][:, c:], captured["skip"]):
+        return slice(0, c), slice(c, 2 * c)
+    assert torch.equal(captured["in"][:, :c], captured["skip"])
+    return slice(c, 2 * c), slice(0, c)
+
+
+def _decoder_index_keys(net, kind: str, i: int) -> list[str]:
+    """The keys of ``decoder.{kind}.{i}``, each tensor once (nnU-Net exposes some under two keys)."""
+    seen, keys = set(), []
+    for k, t in net.state_dict(keep_vars=True).items():
+        if k.startswith(f"decoder.{kind}.{i}.") and id(t) not in seen:
+            seen.add(id(t))
+            keys.append(k)
+    return keys
+
+
+def test_deeper_checkpoint_matches_decoder_tensors_by_role(plans_file):
+    """Checkpoint one stage deeper, paper hand-over (encoder + decoder stages 0..N-1 of the checkpoint)."""
+    kw = _kwargs_with_depth(plans_file, +1)
+    src = build_network(plans_file, seed=0, arch_kwargs=kw)
+    n_blocks = 3  # the checkpoint's decoder stages 0..2: the network's stages 0 and 1 have pretrained counterparts
+    ckpt = macl_checkpoint(src, plans_file, decoder_blocks=n_blocks, arch_kwargs=kw)
+    w = ckpt["network_weights"]
+    net = build_network(plans_file, seed=1)
+    before = _snapshot(net)
+    logged = []
+    report = transfer_pretrained_weights(net, ckpt, log=logged.append, scope="pretrained")
+    after = net.state_dict()
+    assert len(net.decoder.stages) == len(src.decoder.stages) - 1 == n_blocks
+
+    # the network's transpconvs.0 reads the bottleneck; the checkpoint's transpconvs.1 (same resolution, same
+    # shape) reads decoder stage 0's output: refused, initialisation kept
+    refused = {k for k, r in report.skipped.items() if r.startswith("role differs")}
+    assert refused == set(_decoder_index_keys(net, "transpconvs", 0)) and refused
+    for k in refused:
+        assert torch.equal(after[k], before[k])
+        assert w[k.replace("transpconvs.0.", "transpconvs.1.")].shape == after[k].shape  # it would have fitted
+        assert "reads the bottleneck here" in report.skipped[k] and "decoder-stage output" in report.skipped[k]
+        assert f"skipped {k}: role differs" in logged[0]
+    # transpconvs.1 reads decoder stage 0's output on both sides: taken from the checkpoint's transpconvs.2
+    for k in _decoder_index_keys(net, "transpconvs", 1):
+        assert k in report.loaded and torch.equal(after[k], w[k.replace("transpconvs.1.", "transpconvs.2.")])
+    # stage 1 <- checkpoint stage 2, every tensor as it is (its input is [upsampled decoder output, skip] on both)
+    for k in _decoder_index_keys(net, "stages", 1):
+        assert torch.equal(after[k], w[k.replace("stages.1.", "stages.2.", 1)]), k
+    # stage 0 <- checkpoint stage 1: the input convolution takes the skip channels only
+    first = "decoder.stages.0.convs.0.conv.weight"
+    up, skip = _stage_input_columns(net, 0)
+    assert torch.equal(after[first][:, skip], w["decoder.stages.1.convs.0.conv.weight"][:, skip])
+    assert torch.equal(after[first][:, up], before[first][:, up])
+    assert "kept at initialisation" in report.adapted[first] and "role differs" in report.adapted[first]
+    for k in _decoder_index_keys(net, "stages", 0):
+        if k != first:
+            assert torch.equal(after[k], w[k.replace("stages.0.", "stages.1.", 1)]), k
+    # the checkpoint's stage 3 was not pretrained (N = 3): the network's stage 2 keeps its initialisation
+    for k in _decoder_index_keys(net, "stages", 2) + _decoder_index_keys(net, "transpconvs", 2):
+        assert torch.equal(after[k], before[k]) and report.skipped[k].startswith("not pretrained")
+    assert report.encoder_loaded == report.encoder_total
+    assert not [n for n in report.notes if "stride" in n]  # same strides on the stages both have
+
+
+def test_shallower_checkpoint_matches_decoder_tensors_by_role(plans_file):
+    """Checkpoint one stage shallower, paper hand-over with N = 2 (all of the checkpoint's decoder stages)."""
+    kw = _kwargs_with_depth(plans_file, -1)
+    src = build_network(plans_file, seed=0, arch_kwargs=kw)
+    ckpt = macl_checkpoint(src, plans_file, decoder_blocks=len(src.decoder.stages), arch_kwargs=kw)
+    w = ckpt["network_weights"]
+    net = build_network(plans_file, seed=1)
+    before = _snapshot(net)
+    logged = []
+    report = transfer_pretrained_weights(net, ckpt, log=logged.append, scope="pretrained")
+    after = net.state_dict()
+    assert len(net.decoder.stages) == len(src.decoder.stages) + 1 == 3
+
+    # the network's stage 0 joins the encoder stage the checkpoint used as its bottleneck: nothing to take
+    for k in _decoder_index_keys(net, "stages", 0) + _decoder_index_keys(net, "transpconvs", 0):
+        assert torch.equal(after[k], before[k]) and report.skipped[k].startswith("missing in checkpoint")
+    # transpconvs.1 reads decoder stage 0's output here, the checkpoint's transpconvs.0 its bottleneck
+    refused = {k for k, r in report.skipped.items() if r.startswith("role differs")}
+    assert refused == set(_decoder_index_keys(net, "transpconvs", 1)) and refused
+    for k in refused:
+        assert torch.equal(after[k], before[k])
+        assert w[k.replace("transpconvs.1.", "transpconvs.0.")].shape == after[k].shape
+        assert "decoder-stage output" in report.skipped[k] and "the bottleneck in the checkpoint" in report.skipped[k]
+        assert f"skipped {k}: role differs" in logged[0]
+    first = "decoder.stages.1.convs.0.conv.weight"
+    up, skip = _stage_input_columns(net, 1)
+    assert torch.equal(after[first][:, skip], w["decoder.stages.0.convs.0.conv.weight"][:, skip])
+    assert torch.equal(after[first][:, up], before[first][:, up])
+    for k in _decoder_index_keys(net, "stages", 1):
+        if k != first:
+            assert torch.equal(after[k], w[k.replace("stages.1.", "stages.0.", 1)]), k
+    # stage 2 and transpconvs.2 read decoder outputs on both sides: everything taken
+    for k in _decoder_index_keys(net, "stages", 2) + _decoder_index_keys(net, "transpconvs", 2):
+        ck = k.replace(".2.", ".1.", 1)
+        assert k in report.loaded and torch.equal(after[k], w[ck]) and f"from {ck}" in report.adapted[k]
+    assert 0.5 <= report.encoder_loaded / report.encoder_total < 1
+
+
+def test_equal_depth_takes_every_pretrained_decoder_tensor_unchanged(plans_file):
+    """No offset, no role change: the split of the input convolution must not happen."""
+    src = build_network(plans_file, seed=0)
+    ckpt = macl_checkpoint(src, plans_file, decoder_blocks=len(src.decoder.stages))
+    net = build_network(plans_file, seed=1)
+    report = transfer_pretrained_weights(net, ckpt, log=None)
+    for k, v in net.state_dict().items():
+        if "seg_layers" not in k:
+            assert torch.equal(v, ckpt["network_weights"][k]), k
+    assert report.adapted == {} and not any(r.startswith("role differs") for r in report.skipped.values())
+
+
+def test_changed_encoder_stride_loads_with_a_note(plans_file):
+    _, cm = _arch(plans_file)
+    net_strides = [list(s) for s in cm.network_arch_init_kwargs["strides"]]
+    stage = 2
+    assert net_strides[stage] == [2, 2], "plans must downsample stage 2 in both axes for this test"
+    kw = dict(cm.network_arch_init_kwargs)
+    kw["strides"] = [list(s) for s in net_strides]
+    kw["strides"][stage] = [1, 2]  # the checkpoint's plan kept the first axis at this stage
+    src = build_network(plans_file, seed=0, arch_kwargs=kw)
+    ckpt = macl_checkpoint(src, plans_file, arch_kwargs=kw)
+    net = build_network(plans_file, seed=1)
+    logged = []
+    report = transfer_pretrained_weights(net, ckpt, log=logged.append)
+
+    stride_notes = [n for n in report.notes if "stride" in n]
+    assert len(stride_notes) == 1, report.notes
+    assert f"encoder stage {stage}" in stride_notes[0] and "[1, 2]" in stride_notes[0] and "[2, 2]" in stride_notes[0]
+    assert stride_notes[0] in logged[0]
+    # the stage's kernels load as they are (same shape, same filter)
+    for k, v in net.state_dict().items():
+        if k.startswith(f"encoder.stages.{stage}."):
+            assert torch.equal(v, ckpt["network_weights"][k]) and k not in report.adapted
+    assert report.encoder_loaded == report.encoder_total
+
+    # an nnU-Net checkpoint records its plan in init_args: the same note
+    nnunet_style = {"network_weights": ckpt["network_weights"],
+                    "init_args": {"configuration": "2d", "plans": {"configurations": {
+                        "2d": {"architecture": {"arch_kwargs": kw}}}}}}
+    report = transfer_pretrained_weights(build_network(plans_file, seed=1), nnunet_style, log=None)
+    assert [n for n in report.notes if "stride" in n and f"encoder stage {stage}" in n]
+    # a plain state dict (or metadata without the plan) cannot tell: no comparison, no error, and since a
+    # transposed-convolution kernel (= stride) had to be adapted, the report says that strides are unknown
+    for bare in (ckpt["network_weights"],
+                 {"network_weights": ckpt["network_weights"],
+                  "macl": {k: v for k, v in ckpt["macl"].items() if k != "network_arch_init_kwargs"}}):
+        report = transfer_pretrained_weights(build_network(plans_file, seed=1), bare, log=None)
+        assert not any(f"encoder stage {stage}" in n for n in report.notes)
+        assert any("could not be compared" in n for n in report.notes)
+        assert any("transposed convolution" in how for how in report.adapted.values())
+
+
 # ----------------------------------------------------------------------------------------------- safety
 class _WritesFile:
     """Unpickling this runs ``exec`` and writes a marker file (what a malicious checkpoint could do)."""

@@ -3,8 +3,8 @@
 Everything here works on whole batches with tensor ops (``affine_grid`` /
 ``grid_sample`` / broadcasting); there is no Python loop over samples.
 
-* :func:`downsample` -- the paper's ``down()``: area (average) pooling, which keeps the
-  geometry of nnU-Net's strided grids (METHOD.md).
+* :func:`downsample` -- the paper's ``down()``: an average centred on every k-th pixel, which keeps
+  the geometry of nnU-Net's strided grids (cell j of stride T on pixel T*j; METHOD.md).
 * :class:`RandomSpatialTransform` -- ``T_var``: random rotation, isotropic
   scale, translation and mirroring, drawn independently per sample and applied
   to the whole batch with a single ``grid_sample`` call.
@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "downsample",
+    "centred_pool",
+    "integer_factors",
     "RandomSpatialTransform",
     "RandomIntensityTransform",
     "IdentityTransform",
@@ -98,25 +100,9 @@ def _check_probability(value, name: str) -> float:
 
 
 # --------------------------------------------------------------------------- down()
-def downsample(x: Tensor, scale: Sequence[float] | float) -> Tensor:
-    """The paper's ``down()``: resize the spatial axes of ``x`` by ``scale``.
-
-    Area interpolation (``F.interpolate(mode="area")``): for the integer factors 1/lambda of
-    MACL this is average pooling over 1/lambda-sized blocks, so output cell j covers input cells
-    [j/lambda, (j+1)/lambda) and the same image region as the cell of a strided feature map.
-    (Bilinear with ``align_corners=True``, used before, samples the corner cells of small maps.)
-    The output spatial size is ``round(size_i * scale_i)`` per axis (Python
-    ``round``). ``scale`` is one factor per spatial axis (a single number is
-    broadcast to all axes). If the output size equals the input size (in
-    particular when every scale is 1) ``x`` itself is returned unchanged.
-    Half-precision inputs on the CPU are interpolated in float32 and cast back.
-    Differentiable with respect to ``x``.
-
-    Raises:
-        ValueError: wrong input rank/dtype, wrong number of factors, a
-            non-positive / non-finite factor, or an output size < 1.
-    """
-    ndim = _check_batch(x)
+def integer_factors(scale: Sequence[float] | float, ndim: int) -> list[int]:
+    """The integer down-sampling factor k = 1/scale of every spatial axis (MACL's lambda is 1/k with k a
+    product of strides). Raises ValueError for a factor that is not the inverse of a positive integer."""
     if isinstance(scale, Real) and not isinstance(scale, bool):
         scales = [float(scale)] * ndim
     else:
@@ -126,17 +112,56 @@ def downsample(x: Tensor, scale: Sequence[float] | float) -> Tensor:
             raise ValueError(f"scale must be a number or a sequence of numbers, got {scale!r}") from e
     if len(scales) != ndim:
         raise ValueError(f"scale needs {ndim} factors for a {ndim}-D batch, got {len(scales)}")
-    if any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise ValueError(f"scale factors must be finite and > 0, got {scales}")
-    in_size = tuple(x.shape[2:])
-    out_size = tuple(int(round(n * s)) for n, s in zip(in_size, scales))
-    if any(n < 1 for n in out_size):
-        raise ValueError(f"downsample of spatial size {in_size} by {scales} gives empty size {out_size}")
-    if out_size == in_size:
+    if any(not math.isfinite(s) or s <= 0 or s > 1 for s in scales):
+        raise ValueError(f"scale factors must be finite and in (0, 1], got {scales}")
+    factors = [int(round(1.0 / s)) for s in scales]
+    if any(abs(1.0 / s - k) > 1e-6 * k for s, k in zip(scales, factors)):
+        raise ValueError(f"scale factors must be 1/k for integers k (MACL's lambda), got {scales}")
+    return factors
+
+
+def centred_pool(x: Tensor, factors: Sequence[int]) -> Tensor:
+    """Average over a window centred on every k-th element, starting at 0: output i stands for input k*i.
+
+    nnU-Net's down-sampling stages are 3x3 convolutions with padding 1 and stride 2, so cell j of a map
+    of total stride T sits on input pixel T*j (METHOD.md, geometry). A k x k block average would sit on
+    k*i + (k-1)/2 instead. The window is k+1 wide for even k (k for odd k), symmetric about k*i; at the
+    border only the pixels inside the input are averaged. Output size: ceil(n / k) per axis.
+    """
+    ndim = x.ndim - 2
+    kernel = [k + 1 if k % 2 == 0 else k for k in factors]
+    kernel = [1 if k == 1 else w for k, w in zip(factors, kernel)]
+    padding = [w // 2 for w in kernel]
+    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+    # explicit zero padding and a pooled mask of the real pixels instead of the pool's own padding: torch's
+    # pools refuse inputs smaller than the kernel (a 4-voxel axis with k = 4), which the centred window allows
+    pads = [p for w in reversed(padding) for p in (w, w)]
+    inside = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype, device=x.device), pads)
+    total = pool(F.pad(x, pads), kernel_size=kernel, stride=list(factors))
+    return total / pool(inside, kernel_size=kernel, stride=list(factors))
+
+
+def downsample(x: Tensor, scale: Sequence[float] | float) -> Tensor:
+    """The paper's ``down()``: shrink the spatial axes of ``x`` by integer factors k = 1/scale.
+
+    Output pixel i is the average of a window centred on input pixel k*i (:func:`centred_pool`), so that
+    the dominant branch's grids sit on the same input pixels as nnU-Net's strided feature maps of the
+    full-resolution input: the dominant bottleneck cell j on pixel k*T*j, the auxiliary one k*j on the
+    same pixel. The output size is ceil(size / k) per axis. ``scale`` is one factor per spatial axis
+    (a single number is broadcast). When every k is 1, ``x`` itself is returned. Half-precision inputs
+    on the CPU are pooled in float32 and cast back. Differentiable with respect to ``x``.
+
+    Raises:
+        ValueError: wrong input rank/dtype, wrong number of factors, or a factor that is not 1/k for a
+            positive integer k.
+    """
+    ndim = _check_batch(x)
+    factors = integer_factors(scale, ndim)
+    if all(k == 1 for k in factors):
         return x
     if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-        return F.interpolate(x.float(), size=out_size, mode="area").to(x.dtype)
-    return F.interpolate(x, size=out_size, mode="area")
+        return centred_pool(x.float(), factors).to(x.dtype)
+    return centred_pool(x, factors)
 
 
 # --------------------------------------------------------------------------- T_var

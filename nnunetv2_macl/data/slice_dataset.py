@@ -112,8 +112,11 @@ class PretrainSliceDataset(Dataset):
     the preprocessed (transposed) array), with position p = (i + 1) / n_slices.
 
     Item k -> (image (C, *crop) float32, position (1,) float32, content (1, *crop) float32: 1 on
-    image, 0 on the zero padding of slices smaller than the crop). The random crop is drawn from a
-    generator seeded by (seed, epoch, k), so a resumed run sees the same data.
+    image, 0 on the zero padding of slices smaller than the crop). Where a slice is larger than the
+    crop, the crop offset is drawn once per volume and epoch, from a generator seeded by (seed, epoch,
+    volume): all slices of one volume in an epoch (and so in a batch) show the same window, and the
+    dense loss's location s is the same anatomy in slices whose positions make them positives
+    (METHOD.md). A resumed run sees the same data.
 
     Single-slice cases have no defined position and are refused unless ``allow_single_slice``
     (instance positives, i.e. SimCLR, never look at positions; such a slice gets position 1).
@@ -163,10 +166,11 @@ class PretrainSliceDataset(Dataset):
         return state
 
     def __getitem__(self, k: int):
-        identifier = self.identifiers[int(self.case_index[k])]
+        volume = int(self.case_index[k])
+        identifier = self.identifiers[volume]
         z = int(self.slice_index[k])
         image = np.asarray(self._array(identifier)[:, z], dtype=np.float32)
-        rng = np.random.default_rng((self.seed, self.epoch, int(k)))
+        rng = np.random.default_rng((self.seed, self.epoch, volume))  # one crop offset per volume and epoch
         image, content = _fit(image, self.crop_size, rng)
         return (torch.from_numpy(np.ascontiguousarray(image)), torch.tensor([self.positions[k]]),
                 torch.from_numpy(content))

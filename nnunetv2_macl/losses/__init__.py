@@ -1,6 +1,6 @@
 """MACL losses: L_MLC = l1 Lg + l2 Ld + l3 LER (Zeng et al., MACL, eq. 10-13)."""
 
-from .dense_contrastive import DENSE_FORMS, DenseContrastiveLoss, dense_contrastive_loss
+from .dense_contrastive import DENSE_CONTRASTS, DENSE_FORMS, DenseContrastiveLoss, dense_contrastive_loss
 from .equivariance import EquivarianceLoss, equivariance_loss
 from .global_contrastive import GlobalContrastiveLoss, global_contrastive_loss
 from .multilevel import MultiLevelContrastiveLoss
@@ -13,6 +13,7 @@ from .supcon import (
 )
 
 __all__ = [
+    "DENSE_CONTRASTS",
     "DENSE_FORMS",
     "POSITIVE_MODES",
     "DenseContrastiveLoss",

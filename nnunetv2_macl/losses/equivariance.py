@@ -7,40 +7,68 @@ Reference:
       Supervised Semantic Segmentation", CVPR 2020.
 
 Y is the bottleneck of the down-sampled input (dominant branch), Y~ the bottleneck of the
-full-resolution input (auxiliary branch); down() is average pooling by 1/lambda, which pairs
-the cells that see the same image region (METHOD.md).
+full-resolution input (auxiliary branch). The dominant cell j sits on input pixel k*T*j, the
+auxiliary cell k*j on the same pixel (METHOD.md, geometry), so down() here is the same centred
+window as on the input: Y[j] is paired with the average of a window centred on Y~[k*j].
 
-Both bottlenecks come from one encoder, so an L1 on raw features is lowered by shrinking the
-last stage's norm weights instead of by making the branches agree. Each location's channel
-vector is therefore L2-normalised first: LER compares directions, and scaling the features
-leaves it unchanged.
+What the features are compared as, and why:
+- centred: each channel minus its mean over the map's locations, per sample. Every nnU-Net stage
+  ends with InstanceNorm + LeakyReLU, so all locations share a large common vector; without
+  centring the per-location directions were nearly equal and LER read ~0.03-0.05 whatever the
+  branches did. Centred, LER compares the spatial pattern of the two maps.
+- per-location L2-normalised: both bottlenecks come from one encoder, and an L1 on raw features is
+  lowered by shrinking the last stage's norm weights; directions cannot be shrunk.
+- L1 summed over channels and divided by sqrt(C): a mean over channels of unit vectors is about
+  1/sqrt(C) per channel (~1 % of the total loss at C = 256). Scaled this way, maps that agree give
+  0 and unrelated maps about 2/sqrt(pi) = 1.13 for any channel count, the range of Lg's fall.
+A map that is constant over its locations centres to zero: against a map with a spatial pattern
+that costs ||b||_1 / sqrt(C) per location (about 0.8), not 0.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from nnunetv2_macl.data.augmentation import downsample
 
 from .supcon import float32_math
 
 
 def pair_cells(y_auxiliary: Tensor, size: tuple[int, ...]) -> Tensor:
-    """down() of the full-resolution bottleneck: average pooling to ``size`` (the dominant grid), so
-    that each pooled cell covers the image region of the dominant cell it is compared with."""
-    return F.interpolate(y_auxiliary, size=tuple(int(s) for s in size), mode="area")
+    """down() of the full-resolution bottleneck to the dominant grid ``size``: output cell j is the
+    average of a window centred on auxiliary cell k*j, the cell on the same input pixel as the
+    dominant cell j. Each axis of ``y_auxiliary`` must be k x that of ``size`` for an integer k."""
+    large = tuple(int(s) for s in y_auxiliary.shape[2:])
+    small = tuple(int(s) for s in size)
+    if len(large) != len(small) or any(s < 1 or l % s for s, l in zip(small, large)):
+        raise ValueError(f"the auxiliary bottleneck {large} must be an integer multiple of the dominant grid "
+                         f"{small} on every axis (choose a crop divisible by stride x 1/lambda)")
+    return downsample(y_auxiliary, [s / l for s, l in zip(small, large)])
+
+
+def centred_directions(y: Tensor) -> Tensor:
+    """(N, C, *S) -> per-location unit channel vectors of the map centred over its locations."""
+    flat = y.flatten(2)
+    centred = flat - flat.mean(dim=2, keepdim=True)
+    return F.normalize(centred, dim=1).reshape(y.shape)
 
 
 def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
-    """LER (paper eq. 13) on scale-free features: L1, averaged over all elements, between the
-    per-location L2-normalised channel vectors of Y and down(Y~).
+    """LER (paper eq. 13) on centred, scale-free features (module docstring): the L1 distance of the
+    per-location unit vectors of the centred maps Y and down(Y~), summed over channels and divided by
+    sqrt(C), averaged over samples and locations.
 
     Args:
         y_dominant: (N, C, *s) bottleneck of the down-sampled input (Y), s 2-D or 3-D.
-        y_auxiliary: (N, C, *S) bottleneck of the full-resolution input (Y~), S >= s on
-            every axis; it is interpolated to s (no interpolation when S == s).
+        y_auxiliary: (N, C, *S) bottleneck of the full-resolution input (Y~), S = k x s per axis
+            for integers k (S == s: compared as they are).
 
     Returns:
-        Scalar float32 loss. Gradients reach both branches (no stop-gradient in the paper).
+        Scalar float32 loss: 0 for maps with the same centred pattern, about 1.13 for unrelated
+        ones. Gradients reach both branches (no stop-gradient in the paper).
     """
     if y_dominant.ndim not in (4, 5) or y_auxiliary.ndim != y_dominant.ndim:
         raise ValueError(
@@ -65,7 +93,9 @@ def equivariance_loss(y_dominant: Tensor, y_auxiliary: Tensor) -> Tensor:
         y_tilde = y_auxiliary.float()
         if small != large:
             y_tilde = pair_cells(y_tilde, small)
-        return F.l1_loss(F.normalize(y, dim=1), F.normalize(y_tilde, dim=1))
+        channels = y.shape[1]
+        distance = (centred_directions(y) - centred_directions(y_tilde)).abs().sum(dim=1)  # (N, *s)
+        return distance.mean() / math.sqrt(channels)
 
 
 class EquivarianceLoss(nn.Module):

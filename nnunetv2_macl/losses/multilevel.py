@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .dense_contrastive import DENSE_FORMS, dense_contrastive_loss
+from .dense_contrastive import DENSE_CONTRASTS, DENSE_FORMS, dense_contrastive_loss
 from .equivariance import equivariance_loss
 from .global_contrastive import global_contrastive_loss
 from .supcon import check_positives, check_tau, check_threshold
@@ -38,6 +38,8 @@ class MultiLevelContrastiveLoss(nn.Module):
         threshold, tau, positives, base_temperature: passed to Lg and Ld (see
             :func:`global_contrastive_loss`).
         dense_form: "supcon" (eq. 12), "mse" or "byol" (Table VII).
+        dense_contrast, dense_locations, dense_slice_positives: the dense SupCon's contrast ("slices",
+            eq. 12, or "locations") and its options (:func:`dense_contrastive_loss`).
 
     Forward:
         outputs: dict with "global_dominant", "global_auxiliary" (N, C);
@@ -61,6 +63,9 @@ class MultiLevelContrastiveLoss(nn.Module):
         positives: str = "position",
         dense_form: str = "supcon",
         base_temperature: float | None = None,
+        dense_contrast: str = "slices",
+        dense_locations: int = 64,
+        dense_slice_positives: bool = False,
     ) -> None:
         super().__init__()
         weights = tuple(float(w) for w in weights)
@@ -79,11 +84,22 @@ class MultiLevelContrastiveLoss(nn.Module):
         self.positives = positives
         self.dense_form = dense_form
         self.base_temperature = base_temperature
+        if dense_contrast not in DENSE_CONTRASTS:
+            raise ValueError(f"dense_contrast must be one of {DENSE_CONTRASTS}, got {dense_contrast!r}")
+        self.dense_contrast = dense_contrast
+        self.dense_locations = int(dense_locations)
+        self.dense_slice_positives = bool(dense_slice_positives)
 
     def global_loss(self, z_dominant: Tensor, z_auxiliary: Tensor, positions: Tensor | None) -> Tensor:
         """Lg alone, with this loss's settings (also used by the collapse diagnostics)."""
         return global_contrastive_loss(z_dominant, z_auxiliary, positions, self.threshold, self.tau, self.positives,
                                        self.base_temperature)
+
+    def dense_loss(self, z: Tensor, z_tilde: Tensor, positions: Tensor | None, content: Tensor | None = None) -> Tensor:
+        """Ld alone, with this loss's settings."""
+        return dense_contrastive_loss(z, z_tilde, positions, self.threshold, self.tau, self.dense_form, self.positives,
+                                      self.base_temperature, content, self.dense_contrast, self.dense_locations,
+                                      self.dense_slice_positives)
 
     def _pair(self, outputs: Mapping[str, Tensor], name: str) -> tuple[Tensor, Tensor]:
         index, keys = _COMPONENTS[name]
@@ -103,10 +119,7 @@ class MultiLevelContrastiveLoss(nn.Module):
             components["Lg"] = self.global_loss(z, z_tilde, positions)
         if self.weights[1] > 0:
             z, z_tilde = self._pair(outputs, "Ld")
-            components["Ld"] = dense_contrastive_loss(
-                z, z_tilde, positions, self.threshold, self.tau, self.dense_form, self.positives,
-                self.base_temperature, content,
-            )
+            components["Ld"] = self.dense_loss(z, z_tilde, positions, content)
         if self.weights[2] > 0:
             y, y_tilde = self._pair(outputs, "LER")
             components["LER"] = equivariance_loss(y, y_tilde)
@@ -123,5 +136,6 @@ class MultiLevelContrastiveLoss(nn.Module):
         return (
             f"weights={self.weights}, threshold={self.threshold}, tau={self.tau}, "
             f"positives={self.positives!r}, dense_form={self.dense_form!r}, "
-            f"base_temperature={self.base_temperature}"
+            f"base_temperature={self.base_temperature}, dense_contrast={self.dense_contrast!r}, "
+            f"dense_locations={self.dense_locations}, dense_slice_positives={self.dense_slice_positives}"
         )

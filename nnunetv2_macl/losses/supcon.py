@@ -131,6 +131,7 @@ def masked_supcon_loss(
     tau: float = 0.1,
     base_temperature: float | None = None,
     valid: Tensor | None = None,
+    excluded: Tensor | None = None,
 ) -> Tensor:
     """SupCon loss with an explicit positive mask.
 
@@ -144,6 +145,8 @@ def masked_supcon_loss(
         valid: optional (..., M) bool, broadcastable to the features' leading dims: samples
             marked False (e.g. dense cells of zero padding) are neither anchors nor in any
             anchor's positives or denominator.
+        excluded: optional (M, M) bool (or broadcastable to (..., M, M)): pairs that are neither
+            positives nor negatives of each other (left out of the anchor's denominator).
 
     Returns:
         Scalar float32 loss: mean over anchors with >= 1 positive, then over leading dims
@@ -176,6 +179,11 @@ def masked_supcon_loss(
             positives = positives & valid[..., None, :] & valid[..., :, None]
             # a large finite value, not -inf: an anchor with no valid partner stays finite (and unused)
             logits = logits.masked_fill(~valid[..., None, :], -1e4)
+
+        if excluded is not None:
+            excluded = excluded.to(device=f.device, dtype=torch.bool) & ~self_mask
+            positives = positives & ~excluded
+            logits = logits.masked_fill(excluded, -1e4)
 
         # Denominator excludes k == a: mask the diagonal before the (stable) logsumexp.
         logits = logits.masked_fill(self_mask, float("-inf"))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from nnunetv2_macl.data.augmentation import downsample
-from nnunetv2_macl.model.projectors import InstanceProjector, PixelProjector
+from nnunetv2_macl.model.projectors import DenseProjector, InstanceProjector, PixelProjector
 
 ENCODER_MODES = ("shared", "independent", "ema")
 
@@ -126,12 +126,14 @@ class MACLNetwork(nn.Module):
         global_pooling: the image-level descriptor of both g_ins heads (see ``GlobalDescriptor``).
         shared_global_head: one g_ins for both views (PCL / SimCLR, whose originals use one head);
             needs both branches to feed it the same channels (N = 0 or Z^g from the encoder).
+        dense_head: Z^l = g_pix(d_N(...)) with a dominant pixel projector (``DenseProjector``) instead of
+            the decoder output itself (the paper).
     """
 
     def __init__(self, network: nn.Module, decoder_blocks: int = 2, projection_dim: int = 128,
                  global_through_decoder: bool = True, encoder_mode: str = "shared",
                  ema_momentum: float = 0.99, global_pooling: str = "max",
-                 shared_global_head: bool = False) -> None:
+                 shared_global_head: bool = False, dense_head: bool = False) -> None:
         super().__init__()
         if encoder_mode not in ENCODER_MODES:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {encoder_mode!r}")
@@ -168,6 +170,8 @@ class MACLNetwork(nn.Module):
                                       else InstanceProjector(bottleneck_channels, 128, projection_dim, global_pooling))
         self.pixel_head_auxiliary = PixelProjector(bottleneck_channels, dense_channels, encoder.conv_op,
                                                    encoder.norm_op, encoder.norm_op_kwargs)
+        self.pixel_head_dominant = (DenseProjector(dense_channels, encoder.conv_op, encoder.norm_op,
+                                                   encoder.norm_op_kwargs) if dense_head else None)
 
     # -- pieces -------------------------------------------------------------------------------
     def _aux_global_head(self) -> InstanceProjector:
@@ -233,7 +237,9 @@ class MACLNetwork(nn.Module):
                 fixed_skips = [s[:n] for s in skips]
                 out["bottleneck_dominant"] = fixed_skips[-1]
                 if "dense" in need:
-                    out["dense_dominant"] = self.partial_decode(fixed_skips)
+                    decoded = self.partial_decode(fixed_skips)
+                    out["dense_dominant"] = (decoded if self.pixel_head_dominant is None
+                                             else self.pixel_head_dominant(decoded))
                 k = n
             if "global" in need:
                 var_skips = [s[k:] for s in skips]

@@ -97,3 +97,25 @@ class PixelProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+class DenseProjector(nn.Module):
+    """Pixel-level projector of the dominant branch (beyond the paper, which contrasts the decoder output
+    itself): 1x1 conv - norm - LeakyReLU - 1x1 conv, channels kept. With it the contrastive space is the
+    head's output, as for every other loss of MACL, and the handed-over decoder stage need not be
+    invariant to what the loss discards (SimCLR's argument for a projection head, Chen et al., ICML 2020).
+
+    (N, C, *S) -> (N, C, *S).
+    """
+
+    def __init__(self, channels: int, conv_op: Type[nn.Module], norm_op: Type[nn.Module] | None,
+                 norm_op_kwargs: dict | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [conv_op(channels, channels, kernel_size=1, bias=norm_op is None)]
+        if norm_op is not None:
+            layers.append(norm_op(channels, **(norm_op_kwargs or {})))
+        layers += [nn.LeakyReLU(0.01, inplace=True), conv_op(channels, channels, kernel_size=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)

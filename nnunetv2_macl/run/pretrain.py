@@ -255,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method, baselines and ablations (METHOD.md)")
     g.add_argument("--method", default=d.method, choices=["macl", "pcl", "simclr"])
     g.add_argument("--dense-form", default=d.dense_form, choices=["supcon", "mse", "byol"])
+    g.add_argument("--dense-contrast", default=d.dense_contrast, choices=["slices", "locations"],
+                   help="Ld (supcon form) contrasts each location across slices ('slices', paper eq. 12) or cells "
+                        "against the other cells of the same and other slices ('locations': positives are the "
+                        "same cell in the other branch)")
+    g.add_argument("--dense-locations", type=int, default=d.dense_locations,
+                   help="--dense-contrast locations: cells sampled per step (default 64)")
+    g.add_argument("--dense-slice-positives", action="store_true",
+                   help="--dense-contrast locations: the same cell of slices within --threshold is a positive too")
+    g.add_argument("--dense-head", action="store_true",
+                   help="a pixel projection head on the dominant decoder output (the paper contrasts the decoder "
+                        "output itself)")
     g.add_argument("--encoder", dest="encoder_mode", default=d.encoder_mode,
                    choices=["shared", "independent", "ema"], help="auxiliary-branch encoder")
     g.add_argument("--two-stage", action="store_true", help="Lg on the encoder first, then Ld with it frozen")
@@ -284,7 +295,9 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
     return MACLConfig(
         method=args.method, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threshold=args.threshold,
         tau=args.tau, base_temperature=args.base_temperature, decoder_blocks=args.decoder_blocks,
-        loss_weights=tuple(args.lambdas), dense_form=args.dense_form, encoder_mode=args.encoder_mode,
+        loss_weights=tuple(args.lambdas), dense_form=args.dense_form, dense_contrast=args.dense_contrast,
+        dense_locations=args.dense_locations, dense_slice_positives=args.dense_slice_positives,
+        dense_head=args.dense_head, encoder_mode=args.encoder_mode,
         two_stage=args.two_stage, global_through_decoder=not args.global_on_encoder,
         global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,

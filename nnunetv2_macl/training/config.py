@@ -11,6 +11,7 @@ from nnunetv2_macl.errors import ConfigError
 
 METHODS = ("macl", "pcl", "simclr")
 DENSE_FORMS = ("supcon", "mse", "byol")
+DENSE_CONTRASTS = ("slices", "locations")
 ENCODER_MODES = ("shared", "independent", "ema")
 GLOBAL_POOLINGS = ("max", "attention", "avg")  # nnunetv2_macl.model.projectors.GLOBAL_POOLINGS
 
@@ -29,6 +30,10 @@ class MACLConfig:
     decoder_blocks: int = 2
     loss_weights: tuple[float, float, float] = (1.0, 0.5, 1.0)  # Lg, Ld, LER
     dense_form: str = "supcon"
+    dense_contrast: str = "slices"  # eq. 12; "locations": cells against other cells (beyond the paper)
+    dense_locations: int = 64  # cells sampled per step by dense_contrast="locations"
+    dense_slice_positives: bool = False  # "locations": the same cell of nearby slices is positive too
+    dense_head: bool = False  # a pixel projector on the dominant decoder output (the paper has none)
     positives: str = "position"  # "instance" = SimCLR positives (other view only)
     encoder_mode: str = "shared"
     ema_momentum: float = 0.99
@@ -96,6 +101,10 @@ def validate(cfg: MACLConfig) -> None:
         raise ConfigError(f"--decoder-blocks must be >= 0, got {cfg.decoder_blocks}")
     if cfg.dense_form not in DENSE_FORMS:
         raise ConfigError(f"--dense-form must be one of {DENSE_FORMS}, got {cfg.dense_form!r}")
+    if cfg.dense_contrast not in DENSE_CONTRASTS:
+        raise ConfigError(f"--dense-contrast must be one of {DENSE_CONTRASTS}, got {cfg.dense_contrast!r}")
+    if cfg.dense_locations < 2:
+        raise ConfigError(f"--dense-locations must be >= 2, got {cfg.dense_locations}")
     if cfg.encoder_mode not in ENCODER_MODES:
         raise ConfigError(f"--encoder must be one of {ENCODER_MODES}, got {cfg.encoder_mode!r}")
     if cfg.global_pooling not in GLOBAL_POOLINGS:

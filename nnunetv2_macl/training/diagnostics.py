@@ -8,10 +8,14 @@ information is lost (METHOD.md, "The global descriptor").
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from nnunetv2_macl.losses.equivariance import equivariance_loss
 
 COLLAPSE_MARGIN = 0.02  # an epoch whose Lg is within 2 % of chance is reported as collapsed
 
@@ -57,6 +61,29 @@ def diagnostic_indices(case_index, batch_size: int, seed: int = 0) -> list[int]:
     return picked
 
 
+@contextlib.contextmanager
+def batch_statistics_without_update(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` in training mode (BatchNorm normalises with the batch's own statistics, as in every
+    training step) and put every BatchNorm's running statistics back afterwards.
+
+    Evaluation mode would use the running statistics instead, which are 0/1 at initialisation: the
+    image-level head is then nearly the identity without its centring, and a diagnostic at
+    initialisation would not mean what it means after training (on one batch of 16 slices at init,
+    eval mode gave projection cosine 0.976, train mode 0.331)."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
+             for m in norms]
+    was_training = module.training
+    module.train()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+        for m, state in zip(norms, saved):
+            for k, v in state.items():
+                getattr(m, k).copy_(v)
+
+
 @torch.no_grad()
 def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Tensor, content: torch.Tensor | None,
                           spatial_transform, seed: int = 0) -> dict[str, float]:
@@ -65,35 +92,57 @@ def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Ten
 
     - cos_descriptor: mean pairwise cosine of the pooled image-level descriptors (auxiliary branch);
     - cos_projection: the same for the projections Z~g;
-    - Lg and Lg_chance = log(2B - 1) on this batch, and Ld and LER where the run uses them (so that
-      ``macl_diagnose --init`` against the final checkpoint shows each objective falling);
+    - Lg and Lg_chance = log(2B - 1) on this batch;
+    - Ld and Ld_chance (the same loss on equal features: every similarity ties, whatever the masks)
+      where the run uses Ld; LER and LER_unpaired (LER between each dominant map and the auxiliary map
+      of another sample: what unrelated maps give) where the run uses LER; so that ``macl_diagnose
+      --init`` against the final checkpoint shows each objective against its own reference;
     - bottleneck_abs: mean absolute auxiliary bottleneck activation (what fine-tuning receives; LER
       must not shrink it).
+
+    Mode: training mode, i.e. the heads' BatchNorm normalises with this batch's statistics as in a
+    training step, without updating its running statistics (:func:`batch_statistics_without_update`);
+    the values then mean the same at initialisation and after training.
     """
     generator = torch.Generator().manual_seed(seed)
     v1 = spatial_transform(images, generator=generator)
     v2 = spatial_transform(images, generator=generator)
-    was_training = macl.training
-    macl.eval()  # the heads' BatchNorm uses its running statistics and is not updated by this batch
+    # the dense loss's sampled cells come from the global RNG: keep the diagnostic from consuming it
+    rng = torch.random.get_rng_state()
     try:
-        need = ("global", "descriptors", "equivariance") + (("dense",) if loss.weights[1] > 0 else ())
-        out = macl(images, v1, images, v2, need=need)
+        torch.manual_seed(seed)
+        with batch_statistics_without_update(macl):
+            need = ("global", "descriptors", "equivariance") + (("dense",) if loss.weights[1] > 0 else ())
+            out = macl(images, v1, images, v2, need=need)
+        result = {
+            "cos_descriptor": mean_pairwise_cosine(out["descriptor_auxiliary"]),
+            "cos_projection": mean_pairwise_cosine(out["global_auxiliary"]),
+            "Lg": float(loss.global_loss(out["global_dominant"], out["global_auxiliary"], positions)),
+            "Lg_chance": contrastive_chance(2 * images.shape[0]),
+            "bottleneck_abs": float(out["bottleneck_auxiliary"].float().abs().mean()),
+        }
+        if loss.weights[1] > 0:
+            z, z_tilde = out["dense_dominant"], out["dense_auxiliary"]
+            torch.manual_seed(seed)
+            result["Ld"] = float(loss.dense_loss(z, z_tilde, positions, content))
+            torch.manual_seed(seed)
+            result["Ld_chance"] = float(loss.dense_loss(torch.ones_like(z), torch.ones_like(z_tilde), positions,
+                                                        content))
+        if loss.weights[2] > 0:
+            y, y_tilde = out["bottleneck_dominant"], out["bottleneck_auxiliary"]
+            result["LER"] = float(equivariance_loss(y, y_tilde))
+            result["LER_unpaired"] = float(equivariance_loss(y, y_tilde.roll(1, dims=0)))
     finally:
-        macl.train(was_training)
-    _, components = loss(out, positions, content)
-    result = {
-        "cos_descriptor": mean_pairwise_cosine(out["descriptor_auxiliary"]),
-        "cos_projection": mean_pairwise_cosine(out["global_auxiliary"]),
-        "Lg": float(loss.global_loss(out["global_dominant"], out["global_auxiliary"], positions)),
-        "Lg_chance": contrastive_chance(2 * images.shape[0]),
-        "bottleneck_abs": float(out["bottleneck_auxiliary"].float().abs().mean()),
-    }
-    result.update({name: float(components[name]) for name, w in zip(("Ld", "LER"), loss.weights[1:]) if w > 0})
+        torch.random.set_rng_state(rng)
     return result
 
 
 def format_diagnostics(d: dict[str, float]) -> str:
-    others = "".join(f" | {name} {d[name]:.4f}" for name in ("Ld", "LER") if name in d)
+    others = ""
+    if "Ld" in d:
+        others += f" | Ld {d['Ld']:.4f} vs chance {d['Ld_chance']:.4f} ({d['Ld'] / d['Ld_chance']:.3f} x)"
+    if "LER" in d:
+        others += f" | LER {d['LER']:.4f} vs unpaired maps {d['LER_unpaired']:.4f}"
     return (f"pooled-descriptor cosine {d['cos_descriptor']:.4f} | projection cosine {d['cos_projection']:.4f} | "
             f"Lg {d['Lg']:.4f} vs chance log(2B-1) = {d['Lg_chance']:.4f} ({d['Lg'] / d['Lg_chance']:.3f} x){others} | "
-            f"mean |bottleneck| {d['bottleneck_abs']:.4f}")
+            f"mean |bottleneck| {d['bottleneck_abs']:.4f} (heads' BatchNorm on the batch's statistics)")

@@ -30,3 +30,75 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     return _AllGatherWithGrad.apply(tensor)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; its gradient is the sum over processes of the incoming gradients (every
+    process's loss depends on every process's input through the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch, over all processes.
+
+    The image-level heads normalise their input with BatchNorm. With negatives gathered across
+    processes, per-process statistics would normalise the two views of a slice together but its
+    negatives from other processes with other statistics, a cue the contrastive loss can exploit (the
+    leak SimCLR closes with global BatchNorm, Chen et al., ICML 2020). torch's SyncBatchNorm runs on
+    GPUs only; this one runs on any backend (gloo included). The statistics are reduced with a
+    differentiable all_reduce, so gradients flow through them as in a single-process batch. Same
+    parameters and buffers as BatchNorm1d: checkpoints load either way. Without an initialised process
+    group, or in eval mode, it is plain BatchNorm1d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return super().forward(x)
+        if x.ndim != 2:
+            raise ValueError(f"GlobalBatchNorm1d expects (N, C), got {tuple(x.shape)}")
+        xf = x if x.dtype == torch.float64 else x.float()
+        local = torch.cat([xf.sum(0), (xf * xf).sum(0), xf.new_tensor([float(x.shape[0])])])
+        total = _AllReduceSum.apply(local)
+        c = x.shape[1]
+        count = total[-1]
+        mean = total[:c] / count
+        var = (total[c:2 * c] / count - mean * mean).clamp(min=0.0)  # biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp(min=1.0)
+                self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach().to(self.running_var.dtype), alpha=m)
+        y = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def use_global_batchnorm(module: torch.nn.Module) -> int:
+    """Replace every BatchNorm1d inside ``module`` by :class:`GlobalBatchNorm1d` (parameters and running
+    statistics kept); returns how many were replaced."""
+    replaced = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.BatchNorm1d:
+                new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                        child.track_running_stats)
+                like = next(t for t in child.state_dict().values() if t.is_floating_point())
+                new.to(device=like.device, dtype=like.dtype)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
+                replaced += 1
+    return replaced

@@ -30,6 +30,7 @@ from nnunetv2_macl.model.macl_network import (
     MACLNetwork, crop_problems, fitting_crop_size, pretrained_prefixes, required_divisor)
 from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
+from nnunetv2_macl.training.distributed import use_global_batchnorm
 from nnunetv2_macl.training.diagnostics import (
     contrastive_chance, diagnostic_indices, embedding_diagnostics, format_diagnostics, is_collapsed)
 from nnunetv2_macl.training.progress import plot_progress
@@ -210,10 +211,15 @@ class MACLPretrainer:
         self.macl = MACLNetwork(self.network, cfg.decoder_blocks, global_through_decoder=cfg.global_through_decoder,
                                 encoder_mode=cfg.encoder_mode, ema_momentum=cfg.ema_momentum,
                                 global_pooling=cfg.global_pooling,
-                                shared_global_head=cfg.shared_global_head).to(self.device)
+                                shared_global_head=cfg.shared_global_head,
+                                dense_head=cfg.dense_head).to(self.device)
+        if self.world_size > 1 and cfg.global_negatives:
+            # the heads' BatchNorm must see the batch the loss contrasts: the global one
+            use_global_batchnorm(self.macl)
         self.crop_size = self.determine_crop_size()
         self.loss = MultiLevelContrastiveLoss(cfg.loss_weights, cfg.threshold, cfg.tau, cfg.positives,
-                                              cfg.dense_form, cfg.base_temperature)
+                                              cfg.dense_form, cfg.base_temperature, cfg.dense_contrast,
+                                              cfg.dense_locations, cfg.dense_slice_positives)
         self.dataset = self.get_dataset()
         if self.dataset.num_channels != self.num_input_channels:
             raise DatasetError(f"Preprocessed data has {self.dataset.num_channels} channels but the plans/dataset.json "
@@ -470,6 +476,10 @@ class MACLPretrainer:
         self.print_to_log_file(
             f"Epoch {self.current_epoch + 1}/{self.config.epochs}: total {means['total']:.4f} | Lg {means['Lg']:.4f} "
             f"| Ld {means['Ld']:.4f} | LER {means['LER']:.4f} | lr {lr:.5f} | {epoch_time:.1f} s")
+        weighted = {k: w * means[k] for k, w in zip(("Lg", "Ld", "LER"), self.loss.weights) if w > 0}
+        if len(weighted) > 1 and means["total"] > 0:
+            self.print_to_log_file("  shares of the total: " + ", ".join(
+                f"{k} {v / means['total']:.1%}" for k, v in weighted.items()))
         if self.loss.weights[0] > 0:
             self.print_to_log_file(f"  Lg contrasts {getattr(self, 'contrast_samples', 2 * self.contrast_batch())} "
                                    f"samples per step; chance log(2B-1) = {chance:.4f}, Lg / chance = "

@@ -18,12 +18,22 @@ is summed over, an axis grown is zero-padded around the pretrained kernel, which
 response exactly; transposed-convolution kernels, whose size is the stride, are averaged /
 repeated).
 
+Matching is by role, not by shape alone (:func:`decoder_input_role_change`). ``decoder.transpconvs.0``
+reads the bottleneck; ``decoder.transpconvs.j`` (j > 0) reads the output of ``decoder.stages.{j-1}``.
+Under a depth offset exactly one decoder stage pairs an index 0 with an index > 0. That stage's
+transposed convolution is refused ("role differs"), although its shape fits. The convolutions that
+read that stage's input (the concatenation [transposed-convolution output, encoder skip]) take only
+the skip channels; the other channels keep their initialisation. Every other decoder tensor reads the
+same kind of input on both sides and loads. An encoder stage whose stride differs between the
+checkpoint's plan (``macl.network_arch_init_kwargs.strides``, or nnU-Net's ``init_args``) and the
+network loads unchanged, with a note naming the stage and both strides.
+
 Every tensor of the network is accounted for in a :class:`TransferReport`: loaded, adapted (the
-first convolution when the number of input channels differs, kernels of another size) or skipped
-with the reason ("not pretrained", "shape mismatch", "missing in checkpoint"). When nothing, or less than
-``min_fraction`` of the encoder's tensors, fits, :class:`IncompatibleCheckpointError` is raised and
-the network is left untouched, so that a wrong checkpoint never turns silently into training from
-scratch.
+first convolution when the number of input channels differs, kernels of another size, the skip half
+of a stage input) or skipped with the reason ("not pretrained", "shape mismatch", "missing in
+checkpoint", "role differs"). When nothing, or less than ``min_fraction`` of the encoder's tensors,
+fits, :class:`IncompatibleCheckpointError` is raised and the network is left untouched, so that a
+wrong checkpoint never turns silently into training from scratch.
 
 Reading is always ``weights_only`` (no arbitrary unpickling, see :func:`load_weights_only`).
 
@@ -54,6 +64,8 @@ REASON_NOT_PRETRAINED = "not pretrained"
 REASON_SEG_HEAD = "not pretrained (segmentation head, kept at initialisation)"
 REASON_SHAPE = "shape mismatch"
 REASON_MISSING = "missing in checkpoint"
+#: a tensor whose shape fits but which reads another kind of input in the checkpoint's network
+REASON_ROLE = "role differs"
 #: what of a checkpoint's pretrained tensors is copied: everything it pretrained (the paper: encoder and
 #: decoder stages 1..N) or the encoder only (its decoder stages keep their initialisation)
 TRANSFER_SCOPES = ("pretrained", "encoder")
@@ -147,7 +159,7 @@ class TransferReport:
         for k, how in self.adapted.items():
             lines.append(f"  adapted {k}: {how}")
         for kind, keys in by_reason.items():
-            if kind == REASON_SHAPE:
+            if kind in (REASON_SHAPE, REASON_ROLE):  # per-tensor reasons (role: at most a handful)
                 shown = keys[:20]
                 for k in shown:
                     lines.append(f"  skipped {k}: {self.skipped[k]}")
@@ -165,7 +177,7 @@ class TransferReport:
 
 
 def _reason_kind(reason: str) -> str:
-    for kind in (REASON_SHAPE, REASON_MISSING, REASON_NOT_PRETRAINED):
+    for kind in (REASON_SHAPE, REASON_MISSING, REASON_NOT_PRETRAINED, REASON_ROLE):
         if reason.startswith(kind):
             return kind
     return reason
@@ -362,6 +374,105 @@ def checkpoint_key_for(network_key: str, depth_offset: int) -> str | None:
     return network_key
 
 
+def _upsampled_input(index: int) -> str:
+    """What ``decoder.transpconvs.{index}`` of nnU-Net's UNetDecoder reads."""
+    return "the bottleneck" if index == 0 else f"a decoder-stage output (decoder.stages.{index - 1})"
+
+
+def decoder_input_role_change(network_key: str, depth_offset: int) -> str | None:
+    """Why the upsampled input of ``network_key``'s decoder stage means something else in the checkpoint.
+
+    Returns None when the two agree, or when the key is not in a decoder stage. Under a depth offset
+    the network's ``decoder.{stages,transpconvs}.i`` is matched with the checkpoint's index ``j = i +
+    offset`` (the stage that joins the same encoder skip). ``transpconvs.i`` reads the bottleneck when
+    ``i == 0`` and the output of ``stages.{i-1}`` otherwise. So the pair reads the same kind of input
+    unless exactly one of ``i`` and ``j`` is 0. The upsampled tensor feeds the first half of
+    ``stages.i``'s input, so that stage's input convolutions are affected too. Tensors after them in
+    the stage read that stage's own features on both sides.
+    """
+    m = _DECODER_STAGE.match(network_key)
+    if not depth_offset or not m:
+        return None
+    i = int(m.group(2))
+    j = i + depth_offset
+    if j < 0 or (i == 0) == (j == 0):
+        return None
+    return (f"decoder.transpconvs.{i} reads {_upsampled_input(i)} here but {_upsampled_input(j)} "
+            f"in the checkpoint (decoder.transpconvs.{j})")
+
+
+def _upsampled_channels(network_tensors: dict[str, torch.Tensor], decoder_key: str) -> int | None:
+    """Output channels of the transposed convolution feeding ``decoder_key``'s stage: the leading part of
+    that stage's input (ConvTranspose weights are ``[in, out, *k]``); None when the network has none."""
+    m = _DECODER_STAGE.match(decoder_key)
+    w = network_tensors.get(f"decoder.transpconvs.{m.group(2)}.weight") if m else None
+    return int(w.shape[1]) if w is not None and w.ndim >= 3 else None
+
+
+def _as_strides(strides: object, ndims: list[int]) -> list[tuple[int, ...]] | None:
+    """Per-stage strides as tuples (a scalar stride stands for every axis); None when unreadable."""
+    if not isinstance(strides, (list, tuple)):
+        return None
+    out = []
+    try:
+        for s, stride in enumerate(strides):
+            if isinstance(stride, (list, tuple)):
+                out.append(tuple(int(x) for x in stride))
+            else:
+                out.append((int(stride),) * (ndims[s] if s < len(ndims) else 1))
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+def network_encoder_strides(mod: nn.Module) -> list[tuple[int, ...]] | None:
+    """The strides of the network's encoder stages (``encoder.strides`` of dynamic_network_architectures)."""
+    strides = getattr(getattr(mod, "encoder", None), "strides", None)
+    return _as_strides(strides, []) if strides is not None else None
+
+
+def _nnunet_checkpoint_strides(checkpoint: dict) -> object:
+    """The strides recorded in an nnU-Net checkpoint (``init_args``: plans and configuration), or None."""
+    init = checkpoint.get("init_args")
+    if not isinstance(init, dict) or not isinstance(init.get("plans"), dict):
+        return None
+    configurations = init["plans"].get("configurations") or {}
+    conf = configurations.get(init.get("configuration"))
+    for _ in range(len(configurations)):  # follow 'inherits_from' (e.g. 3d_cascade_fullres -> 3d_fullres)
+        if not isinstance(conf, dict):
+            return None
+        arch = conf.get("architecture", {}).get("arch_kwargs", {})
+        if "strides" in arch:
+            return arch["strides"]
+        if "pool_op_kernel_sizes" in conf:  # plans written before nnU-Net 2.4
+            return conf["pool_op_kernel_sizes"]
+        conf = configurations.get(conf.get("inherits_from"))
+    return None
+
+
+def checkpoint_encoder_strides(meta: dict | None, ndims: list[int],
+                               checkpoint: dict | None = None) -> list[tuple[int, ...]] | None:
+    """The encoder strides of the plan a checkpoint was trained with: MACL's
+    ``macl.network_arch_init_kwargs``, else nnU-Net's ``init_args``; None when it does not say
+    (plain state dicts)."""
+    kwargs = meta.get("network_arch_init_kwargs") if meta else None
+    if isinstance(kwargs, dict) and "strides" in kwargs:
+        return _as_strides(kwargs["strides"], ndims)
+    strides = _nnunet_checkpoint_strides(checkpoint) if checkpoint else None
+    return _as_strides(strides, ndims) if strides is not None else None
+
+
+def stride_change_notes(checkpoint_strides: list[tuple[int, ...]],
+                        network_strides: list[tuple[int, ...]]) -> list[str]:
+    """One note per encoder stage (matched from the top) whose stride differs between the two plans."""
+    notes = []
+    for s, (a, b) in enumerate(zip(checkpoint_strides, network_strides)):
+        if tuple(a) != tuple(b):
+            notes.append(f"encoder stage {s}: stride {list(a)} in the checkpoint's plan, {list(b)} in this network; "
+                         f"its weights load unchanged (the same filters, evaluated on another grid)")
+    return notes
+
+
 def _storage_id(t: torch.Tensor) -> tuple:
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) \
         if t.numel() else (id(t),)
@@ -450,7 +561,10 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
         report.notes.append(
             f"the checkpoint's network has {abs(offset)} encoder stage(s) {'more' if offset > 0 else 'fewer'} than "
             f"this one: encoder stages matched from the top, decoder.stages.j / decoder.transpconvs.j taken from "
-            f"the checkpoint's index j{offset:+d} (the stage joining the same encoder stage)")
+            f"the checkpoint's index j{offset:+d} (the stage joining the same encoder stage), except where the "
+            f"upsampled input reads the bottleneck on one side and a decoder-stage output on the other")
+    by_name = {n: tensors[c] for c, names in groups.items() for n in names}
+    kernel_adapted = False  # evidence that the plans differ, for the note on unknown strides
 
     for canon, names in groups.items():
         mapped = {n: checkpoint_key_for(n, offset) for n in names}
@@ -477,21 +591,40 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             continue
         value = weights[ck]
         renamed = f" (from {ck})" if ck not in names else ""
-        if tuple(value.shape) == tuple(target.shape):
-            to_copy.append((target, value))
-            report.loaded.append(canon)
-            if renamed:
-                report.adapted[canon] = "taken" + renamed
+        decoder_name = next((n for n in names if _DECODER_STAGE.match(n)), None)
+        role_change = decoder_input_role_change(decoder_name, offset) if decoder_name else None
+        if role_change and "transpconvs." in decoder_name:
+            # equal shapes, other meaning: a filter trained on decoder features would be applied to the
+            # bottleneck (or the reverse), so the network's initialisation is the honest starting point
+            report.skipped[canon] = f"{REASON_ROLE}: {role_change}; kept at initialisation"
             continue
-        adapted, how = _adapt(value, target, is_first_conv=ck == first_conv, transposed="transpconvs." in ck)
-        if adapted is not None:
-            to_copy.append((target, adapted))
-            report.loaded.append(canon)
+        how = "taken"
+        if tuple(value.shape) != tuple(target.shape):
+            adapted, how = _adapt(value, target, is_first_conv=ck == first_conv, transposed="transpconvs." in ck)
+            if adapted is None:
+                report.skipped[canon] = (f"{REASON_SHAPE} (checkpoint {list(value.shape)} vs network "
+                                         f"{list(target.shape)}{'; ' + how if how else ''})")
+                mismatches.append(f"{canon} (checkpoint {list(value.shape)} vs network {list(target.shape)})")
+                continue
+            kernel_adapted |= tuple(value.shape[2:]) != tuple(target.shape[2:])
+            value = adapted
+        skip_channels = _upsampled_channels(by_name, decoder_name) if role_change else None
+        if skip_channels is not None and value.ndim >= 3 and target.shape[1] == 2 * skip_channels:
+            # a convolution reading the stage input [upsampled features, encoder skip] (UNetDecoder's
+            # concatenation order): the skip half reads the same encoder stage on both sides and loads;
+            # the upsampled half keeps its initialisation. The output channels keep their pretrained
+            # identity (each still applies its pretrained filter to the skip), so the stage's later
+            # tensors read the same features they were trained on and load as they are.
+            kept = target.detach()[:, :skip_channels].to(device=value.device, dtype=value.dtype)
+            value = torch.cat([kept, value[:, skip_channels:]], 1)
+            upsampler = decoder_name.split(".")[2]
+            how = (f"{'' if how == 'taken' else how + '; '}input channels {skip_channels}..{2 * skip_channels - 1} "
+                   f"(the encoder skip) taken, channels 0..{skip_channels - 1} (the output of "
+                   f"decoder.transpconvs.{upsampler}) kept at initialisation ({REASON_ROLE}: {role_change})")
+        to_copy.append((target, value))
+        report.loaded.append(canon)
+        if how != "taken" or renamed:
             report.adapted[canon] = how + renamed
-            continue
-        report.skipped[canon] = (f"{REASON_SHAPE} (checkpoint {list(value.shape)} vs network "
-                                 f"{list(target.shape)}{'; ' + how if how else ''})")
-        mismatches.append(f"{canon} (checkpoint {list(value.shape)} vs network {list(target.shape)})")
 
     # a checkpoint tensor saved under several alias keys (shared storage) is listed once
     covered = {_storage_id(weights[k]) for k in counterparts if k in weights}
@@ -502,6 +635,16 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             seen_unused.add(sid)
             report.unused_checkpoint_keys.append(k)
     report.encoder_total = len(enc_keys)
+    net_strides = network_encoder_strides(mod)
+    ck_strides = checkpoint_encoder_strides(meta, [len(s) for s in net_strides or []], checkpoint)
+    if ck_strides is not None and net_strides is not None:
+        # A stride only chooses where a filter is evaluated: the loaded kernel still computes the
+        # response it learned, on a coarser or finer grid. The deeper stages then see another scale,
+        # and fine-tuning adjusts to that. So the stage loads, and the note makes the change visible.
+        report.notes.extend(stride_change_notes(ck_strides, net_strides))
+    elif net_strides is not None and (offset or kernel_adapted):
+        report.notes.append("the checkpoint does not record its plan's strides (neither macl.network_arch_init_kwargs "
+                            "nor nnU-Net's init_args): encoder strides could not be compared with this network's")
     if encoder_only:
         report.notes.append("encoder-only transfer: the checkpoint's decoder stages are not used")
     report.encoder_loaded = sum(1 for k in report.loaded if k in enc_set)
@@ -579,7 +722,8 @@ def install_safe_nnunet_pretrained_loader() -> None:
 
 __all__ = [
     "CheckpointError", "IncompatibleCheckpointError", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
-    "adapt_kernel", "checkpoint_key_for", "stage_depth_offset",
+    "adapt_kernel", "checkpoint_encoder_strides", "checkpoint_key_for", "decoder_input_role_change",
+    "network_encoder_strides", "stage_depth_offset", "stride_change_notes",
     "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
     "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
     "unwrap_network",
