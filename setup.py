@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="nnunetv2-macl",
-    version="0.1.0",
+    version="0.2.0",
     description="MACL self-supervised pretraining for nnU-Net v2 (multi-level asymmetric contrastive learning)",
     long_description=open("README.md").read() if __import__("os").path.isfile("README.md") else "",
     long_description_content_type="text/markdown",
@@ -27,6 +27,7 @@ setup(
             "macl_prepare_unlabeled=nnunetv2_macl.run.prepare_unlabeled:main",
             "macl_diagnose=nnunetv2_macl.run.diagnose:main",
             "macl_fewlabel=nnunetv2_macl.run.fewlabel:main",
+            "macl_cpu_plan=nnunetv2_macl.run.cpu_plan:main",
         ]
     },
 )

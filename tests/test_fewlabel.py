@@ -22,7 +22,9 @@ import numpy as np
 import pytest
 import torch
 
+import nnunetv2_macl
 from nnunetv2_macl.errors import FewLabelError, MACLUserError, StepError
+from nnunetv2_macl.fewlabel import records
 from nnunetv2_macl.fewlabel import report as rp
 from nnunetv2_macl.fewlabel import runner
 from nnunetv2_macl.fewlabel.curves import learning_curve, parse_training_log, read_training_logs
@@ -73,6 +75,28 @@ def test_kfold_split_is_the_earlier_benchmarks():
     capped = make_splits(IDS, (2, 4), 2, "kfold", n_val=3, seed=12345, n_splits=5)
     assert all(len(r["val"]) == 3 and set(r["val"]) <= set(full["val"]) and r["train"] == full["train"]
                for r, full in zip(capped["index"], plan["index"]))
+
+
+def test_splits_with_one_or_two_labelled_cases():
+    """A small dataset (20 cases, 8 held out) with budgets of 1 and 2 cases over three draws."""
+    cases = [f"la_{i:03d}" for i in range(20)]
+    plan = make_splits(cases, (1, 2), 3, "heldout", n_val=8, seed=12345)
+    val = set(plan["index"][0]["val"])
+    assert len(val) == 8 and len(plan["splits"]) == 2 * 3
+    for rec in plan["index"]:
+        assert set(rec["val"]) == val and len(rec["train"]) == rec["budget"] and not set(rec["train"]) & val
+    for f in range(3):
+        one, two = (next(r for r in plan["index"] if r["fold"] == f and r["budget"] == m) for m in (1, 2))
+        assert two["train"][:1] == one["train"]                               # nested
+    assert len({tuple(r["train"]) for r in plan["index"] if r["budget"] == 2}) > 1   # the draws differ
+    kfold = make_splits(cases, (1, 2), 3, "kfold", n_val=None, seed=12345, n_splits=5)
+    for rec in kfold["index"]:
+        assert len(rec["val"]) == 4 and len(rec["train"]) == rec["budget"] and not set(rec["train"]) & set(rec["val"])
+    # the defaults (40 held out, M up to 20) do not fit: the errors say what to change
+    with pytest.raises(FewLabelError, match=r"--val-cases must be below the 20 cases, got 40 \(e.g. --val-cases"):
+        make_splits(cases, (4, 10, 20), 2, "heldout", n_val=40)
+    with pytest.raises(FewLabelError, match="M=13 exceeds the 12 cases .* lower --budgets or --val-cases"):
+        make_splits(cases, (1, 13), 1, "heldout", n_val=8)
 
 
 def test_split_errors_are_user_errors(tmp_path):
@@ -139,7 +163,7 @@ def test_views_link_and_never_write_the_source(tmp_path):
 # ------------------------------------------------------------------------------------------------ scheduling
 def _tasks(methods=("scratch", "macl"), budgets=(2, 4), folds=1):
     s = Settings(methods=methods, budgets=budgets, folds=folds)
-    return runner.task_list(s, make_splits(IDS, budgets, folds, "heldout", 5))
+    return records.task_list(s, make_splits(IDS, budgets, folds, "heldout", 5))
 
 
 def test_task_order_and_dependencies():
@@ -186,43 +210,59 @@ def _summary(cases, dice):
             "mean": {k: {"Dice": v} for k, v in dice.items()}, "metric_per_case": per_case}
 
 
-@pytest.fixture
-def fake_out(tmp_path):
-    """An output folder as the runner leaves it: marker, view with splits, summaries, run log, one
-    training log per run (the format nnU-Net writes)."""
-    out, name = tmp_path / "out", "Dataset981_Fake"
-    s = Settings(dataset_id=981, budgets=(2, 4), folds=2, methods=("scratch", "macl"), n_val=3, iters=5,
-                 finetune_epochs=2, pretrain_epochs=1)
-    plan = make_splits([f"case_{i}" for i in range(12)], s.budgets, s.folds, "heldout", s.n_val, s.seed)
+def make_workdir(out: Path, name: str, s: Settings, cases: list[str], labels: dict[str, int],
+                 dice) -> tuple[dict, list]:
+    """An output folder as the runner leaves it: marker (with the dataset's cases), view with splits,
+    and per training its fingerprint (as ``runner.execute`` writes it), summary and training log (the
+    format nnU-Net writes, one pseudo-Dice per foreground class). ``dice(task)``: ``{label: Dice}``.
+    Returns the plan and the tasks, all "done" (the caller writes the run log)."""
+    plan = make_splits(cases, s.budgets, s.folds, s.split, s.n_val, s.seed)
     view = out / "views" / "finetune" / name
     view.mkdir(parents=True)
     write_splits(view, plan)
-    (view / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "anterior": 1, "posterior": 2},
-                                                   "file_ending": ".nii.gz"}))
+    (view / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **labels}, "file_ending": ".nii.gz"}))
     (view / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"batch_size": 12}}}))
-    write_json(out / runner.MARKER, {"settings": s.to_dict(), "dataset": name, "raw": None, "pretrain_cases": 9})
-    tasks = runner.task_list(s, plan)
+    pre_cases = records.pretrain_cases(s, plan, cases)
+    write_json(out / records.MARKER, {"settings": s.to_dict(), "dataset": name, "raw": None,
+                                      "pretrain_cases": len(pre_cases), "cases": list(cases)})
+    tasks = records.task_list(s, plan)
+    n_classes = len(labels)
     for t in tasks:
         t.status, t.seconds = "done", 10.0
         if t.kind != "train":
             continue
-        base = 0.6 if t.budget == 2 else 0.7
-        gain = 0.0 if t.method == "scratch" else (0.04 if t.fold == 0 else 0.02)
-        folder = runner.run_folder(out, t.arm, name, t.index, s)
+        folder = records.run_folder(out, t.arm, name, t.index, s)
         (folder / "validation").mkdir(parents=True)
-        (folder / "validation" / "summary.json").write_text(json.dumps(
-            _summary(plan["splits"][t.index]["val"], {"1": base + gain, "2": base + 0.1 + gain})))
+        write_json(folder / records.TASK_FILE, records.task_fingerprint(t, s, plan, pre_cases))
+        summary = _summary(plan["splits"][t.index]["val"], dice(t))
+        (folder / "validation" / "summary.json").write_text(json.dumps(summary))
         (folder / "training_log_2026_1_1_00_00_00.txt").write_text("".join(
             f"2026-01-01 00:00:0{e}.0: \n2026-01-01 00:00:0{e}.1: Epoch {e} \n"
             f"2026-01-01 00:00:0{e}.2: Current learning rate: 0.01 \n2026-01-01 00:00:0{e}.3: train_loss -0.{e + 1} \n"
-            f"2026-01-01 00:00:0{e}.4: val_loss -0.{e + 2} \n"
-            f"2026-01-01 00:00:0{e}.5: Pseudo dice [np.float32(0.{e + 3}), np.float32(0.{e + 5})] \n" for e in range(2)))
+            f"2026-01-01 00:00:0{e}.4: val_loss -0.{e + 2} \n2026-01-01 00:00:0{e}.5: Pseudo dice ["
+            + ", ".join(f"np.float32(0.{e + 3 + 2 * k})" for k in range(n_classes)) + "] \n" for e in range(2)))
+    return plan, tasks
+
+
+@pytest.fixture
+def fake_out(tmp_path):
+    """Two foreground classes, M in {2, 4}, two folds, scratch and MACL (made by :func:`make_workdir`)."""
+    out, name = tmp_path / "out", "Dataset981_Fake"
+    s = Settings(dataset_id=981, budgets=(2, 4), folds=2, methods=("scratch", "macl"), n_val=3, iters=5,
+                 finetune_epochs=2, pretrain_epochs=1)
+
+    def dice(t):
+        base = 0.6 if t.budget == 2 else 0.7
+        gain = 0.0 if t.method == "scratch" else (0.04 if t.fold == 0 else 0.02)
+        return {"1": base + gain, "2": base + 0.1 + gain}
+
+    plan, tasks = make_workdir(out, name, s, [f"case_{i}" for i in range(12)], {"anterior": 1, "posterior": 2}, dice)
     return out, name, s, plan, tasks
 
 
 def test_report_table_spread_and_caption(fake_out):
     out, name, s, plan, tasks = fake_out
-    runner.write_run_log(out, tasks)
+    records.write_run_log(out, tasks)
     result = rp.write_report(out)
     report = out / "report"
     with open(report / "fewlabel_summary.csv") as f:
@@ -277,9 +317,9 @@ def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
     failed = next(t for t in tasks if t.key == "train:macl:M4:f1")
     failed.status, failed.message = "failed", "StepError: exit status 1"            # its summary.json exists
     other = next(t for t in tasks if t.key == "train:scratch:M2:f1")
-    summary = runner.run_folder(out, other.arm, name, other.index, s) / "validation" / "summary.json"
+    summary = records.run_folder(out, other.arm, name, other.index, s) / "validation" / "summary.json"
     summary.write_text(json.dumps(_summary(["case_0", "case_1", "case_2", "case_3"], {"1": 0.99, "2": 0.99})))
-    runner.write_run_log(out, tasks)
+    records.write_run_log(out, tasks)
     result = rp.write_report(out)
     keys = {(r["arm"], r["budget"], r["fold"]) for r in result["runs"]}
     assert ("macl", 4, 1) not in keys and ("scratch", 2, 1) not in keys and len(keys) == 6
@@ -292,8 +332,8 @@ def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
     assert "0.99" not in (out / "report" / "fewlabel_runs.csv").read_text()
     # what was running: "running" while its runner is alive (--report-only during a measurement), "cut" after
     failed.status = "running"
-    runner.write_run_log(out, tasks)
-    log_file = out / runner.RUN_LOG
+    records.write_run_log(out, tasks)
+    log_file = out / records.RUN_LOG
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         log = json.loads(log_file.read_text())
@@ -305,6 +345,289 @@ def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
         proc.kill()
         proc.wait()
     assert "train:macl:M4:f1: cut (runner stopped while running)" in rp.write_report(out)["caption"]
+
+
+def _nifti(arr: np.ndarray, path: Path) -> None:
+    """``arr`` in nnU-Net's axis order (z, y, x), written as nibabel expects (x, y, z)."""
+    import nibabel
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(arr.transpose(2, 1, 0)), np.eye(4)), str(path))
+
+
+@pytest.mark.parametrize("labels", [{"heart": 1}, {"anterior": 1, "posterior": 2}], ids=["one-class", "two-classes"])
+def test_report_with_one_or_two_labelled_cases_and_any_number_of_classes(tmp_path, labels):
+    """M in {1, 2} on 20 cases (8 held out), three draws: table, CSV, curves, Dice-vs-M plot and the overlay
+    of validation slices for one foreground class and for two."""
+    out, name = tmp_path / "out", "Dataset982_Small"
+    s = Settings(dataset_id=982, budgets=(1, 2), folds=3, methods=("scratch", "macl@encoder"), n_val=8, iters=5,
+                 finetune_epochs=2, overlay_cases=2)
+    rng = np.random.default_rng(0)
+    made: dict = {}                                                          # (arm, M, fold) -> {label: Dice}
+
+    def dice(t):
+        made[(t.arm.key, t.budget, t.fold)] = d = {str(v): float(rng.uniform(0.3, 0.9)) for v in labels.values()}
+        return d
+
+    plan, tasks = make_workdir(out, name, s, [f"la_{i:03d}" for i in range(20)], labels, dice)
+    # raw images, references and the fold-0 runs' predictions, for the overlay
+    raw = tmp_path / "raw"
+    fold0 = next(r for r in plan["index"] if r["fold"] == 0)
+    for case in fold0["val"]:
+        ref = np.zeros((4, 16, 16), np.uint8)
+        for k, v in enumerate(labels.values()):
+            ref[1:3, 3 + 5 * k:6 + 5 * k, 4:10] = v
+        _nifti(rng.normal(size=ref.shape).astype(np.float32), raw / "imagesTr" / f"{case}_0000.nii.gz")
+        _nifti(ref, raw / "labelsTr" / f"{case}.nii.gz")
+        for t in tasks:
+            if t.kind == "train" and t.fold == 0:
+                _nifti(np.roll(ref, t.budget, axis=2), records.run_folder(out, t.arm, name, t.index, s) / "validation"
+                       / f"{case}.nii.gz")
+    marker = json.loads((out / records.MARKER).read_text())
+    write_json(out / records.MARKER, {**marker, "raw": str(raw)})
+    records.write_run_log(out, tasks)
+    result = rp.write_report(out)
+
+    assert result["excluded"] == [] and len(result["runs"]) == 2 * 2 * 3
+    agg = {(r["budget"], r["arm"]): r for r in result["summary"]}
+    for b in (1, 2):
+        fg = {a: [np.mean(list(made[(a, b, f)].values())) for f in range(3)] for a in ("scratch", "macl_encoder")}
+        got = agg[(b, "macl_encoder")]
+        assert got["n_folds"] == 3 and got["dice_mean_mean"] == pytest.approx(np.mean(fg["macl_encoder"]))
+        assert got["dice_mean_sd"] == pytest.approx(np.std(fg["macl_encoder"], ddof=1))
+        assert got["delta_vs_scratch_mean"] == pytest.approx(np.mean(np.subtract(fg["macl_encoder"], fg["scratch"])))
+        for cls, v in labels.items():
+            assert got[f"dice_{cls}_mean"] == pytest.approx(np.mean([made[("macl_encoder", b, f)][str(v)]
+                                                                    for f in range(3)]))
+    header = result["table_markdown"].splitlines()[0]
+    # one class: its Dice is the foreground mean, so the table has no second copy of it; the caption says so
+    assert [c for c in labels if f"{c} (%)" in header] == ([] if len(labels) == 1 else list(labels))
+    assert ("one foreground class, heart" in result["caption"]) == (len(labels) == 1)
+    with open(result["paths"]["runs_csv"]) as f:
+        runs = list(csv.DictReader(f))
+    assert all(float(r[f"dice_{c}"]) == pytest.approx(made[(r["arm"], int(r["budget"]), int(r["fold"]))][str(v)])
+               for r in runs for c, v in labels.items())
+    curves = json.loads(Path(result["paths"]["curves_json"]).read_text())
+    assert sorted(curves) == ["1", "2"]
+    assert all(len(runs) == 3 for per_arm in curves.values() for runs in per_arm.values())
+    logged = [np.mean([float(f"0.{e + 3 + 2 * k}") for k in range(len(labels))]) for e in range(2)]  # make_workdir
+    assert curves["1"]["scratch"][0]["pseudo_dice"] == pytest.approx(logged)
+    assert len(result["paths"]["overlays"]) == 2
+    for p in [result["paths"]["plot"], *result["paths"]["curves"], *result["paths"]["overlays"]]:
+        assert Path(p).read_bytes()[:8] == PNG_MAGIC, p
+
+
+def test_a_fold_without_foreground_leaves_the_difference_to_scratch_defined():
+    """nnU-Net's Dice is nan where reference and prediction are both empty: that fold has no difference."""
+    arms = [parse_arm("scratch"), parse_arm("macl@encoder")]
+    rows = [{"arm": a.key, "budget": 1, "fold": f, "dice_mean": d}
+            for a, per_fold in zip(arms, ([0.5, 0.6], [0.55, float("nan")])) for f, d in enumerate(per_fold)]
+    agg = {r["arm"]: r for r in rp.aggregate(rows, arms, [1])}
+    assert agg["macl_encoder"]["delta_vs_scratch_mean"] == pytest.approx(0.05)
+    assert agg["macl_encoder"]["delta_n_folds"] == 1 and agg["macl_encoder"]["dice_mean_mean"] == pytest.approx(0.55)
+    assert "nan" not in rp.markdown_table(list(agg.values()), [])
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+def _fingerprints(**settings) -> dict[str, dict]:
+    s = Settings(methods=("scratch", "macl@encoder", "pcl"), budgets=(2,), folds=1, **settings)
+    cases = [f"case_{i:03d}" for i in range(20)]
+    plan = make_splits(cases, s.budgets, s.folds, "heldout", 5, s.seed)
+    pre = records.pretrain_cases(s, plan, cases)
+    return {t.key: records.task_fingerprint(t, s, plan, pre) for t in records.task_list(s, plan)}
+
+
+def test_fingerprints_hold_the_version_and_the_resolved_pretraining(monkeypatch):
+    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING
+    from nnunetv2_macl.training.config import MACLConfig
+
+    fps = _fingerprints()
+    fields = {f.name for f in dataclasses.fields(MACLConfig)}
+    assert set(NOT_SHAPING) <= fields                     # a renamed field would not be left out any more: notice
+    macl, pcl, scratch = fps["train:macl_encoder:M2:f0"], fps["pretrain:pcl"], fps["train:scratch:M2:f0"]
+    assert macl["version"] == macl["pretraining"]["version"] == scratch["version"] == nnunetv2_macl.__version__
+    assert set(pcl["config"]) == set(macl["pretraining"]["config"]) == fields - set(NOT_SHAPING)
+    assert scratch["pretraining"] is None
+    assert (pcl["config"]["method"], pcl["config"]["decoder_blocks"]) == ("pcl", 0)     # method switches resolved
+    assert macl["pretraining"]["config"]["decoder_blocks"] == MACLConfig().decoder_blocks
+    assert fps["pretrain:macl"] == macl["pretraining"]
+    # the protocol's pretraining settings are in it, the number of loader processes is not
+    assert records.fingerprint_diff(fps["pretrain:macl"], _fingerprints(pretrain_epochs=3)["pretrain:macl"]) == [
+        "config.epochs"]
+    assert _fingerprints(pretrain_workers=5) == fps
+    # another code version: no fingerprint matches
+    monkeypatch.setattr(nnunetv2_macl, "__version__", "0.2.0+other")
+    other = _fingerprints()
+    assert all(records.fingerprint_diff(fps[k], other[k])[:1] == ["version"] for k in fps)
+
+
+def test_pretrain_extra_enters_the_pretraining_fingerprint_through_the_config():
+    fps = _fingerprints()
+    lr = _fingerprints(pretrain_extra="--lr 0.01")
+    assert records.fingerprint_diff(fps["train:macl_encoder:M2:f0"], lr["train:macl_encoder:M2:f0"]) == [
+        "pretraining.config.lr"]
+    assert lr["pretrain:pcl"]["config"]["lr"] == 0.01 and lr["train:scratch:M2:f0"] == fps["train:scratch:M2:f0"]
+    assert _fingerprints(pretrain_extra="--lr=0.01") == lr                  # the resolved config, not the spelling
+
+
+def test_a_changed_pretraining_default_or_a_new_config_field_changes_the_fingerprint(monkeypatch):
+    """The fingerprint follows MACLConfig's fields and macl_pretrain's defaults without being told."""
+    from nnunetv2_macl.run import pretrain
+    from nnunetv2_macl.training.config import MACLConfig
+
+    before = _fingerprints()
+
+    @dataclasses.dataclass
+    class ChangedConfig(MACLConfig):
+        momentum: float = MACLConfig().momentum / 2                       # a default changed, no CLI option
+        some_new_switch: bool = False                                       # a field added
+
+    monkeypatch.setattr(pretrain, "MACLConfig", ChangedConfig)
+    after = _fingerprints()
+    assert records.fingerprint_diff(before["train:macl_encoder:M2:f0"], after["train:macl_encoder:M2:f0"]) == [
+        "pretraining.config.momentum", "pretraining.config.some_new_switch"]
+    assert after["train:scratch:M2:f0"] == before["train:scratch:M2:f0"]
+
+
+def test_the_pretraining_that_runs_is_the_one_fingerprinted(monkeypatch, tmp_path):
+    """The runner's macl_pretrain command, parsed as macl_pretrain parses it, gives the recorded config."""
+    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING
+    from nnunetv2_macl.run.pretrain import build_parser, config_from_args
+    from nnunetv2_macl.training.config import resolve_method
+
+    out, name = tmp_path / "out", "Dataset981_Fake"
+    s = Settings(methods=("scratch", "macl"), budgets=(2,), pretrain_workers=3,
+                 pretrain_extra="--lr 0.01 --global-pooling avg --intensity-aug")
+    cases = [f"case_{i:03d}" for i in range(12)]
+    plan = make_splits(cases, s.budgets, 1, "heldout", 4, s.seed)
+    task = records.task_list(s, plan)[0]
+    task.extra["fingerprint"] = records.task_fingerprint(task, s, plan, records.pretrain_cases(s, plan, cases))
+    folder = records.pretrain_folder(out, "macl", name, s)
+    commands = []
+
+    def fake_stream(cmd, env, tag, log, timeout):
+        commands.append(cmd)
+        (folder / "checkpoint_final.pth").write_bytes(b"")
+
+    monkeypatch.setattr(runner, "stream_command", fake_stream)
+    monkeypatch.setattr(runner, "find_executable", lambda exe: exe)
+    runner.execute(task, s, out, name, {}, None, 1)
+    (cmd,) = commands
+    assert cmd[0] == "macl_pretrain" and "--c" not in cmd
+    assert cmd[-5:] == ["--lr", "0.01", "--global-pooling", "avg", "--intensity-aug"]
+    ran = resolve_method(config_from_args(build_parser().parse_args(cmd[1:]))).to_dict()
+    assert (ran["lr"], ran["global_pooling"], ran["intensity_augmentation"]) == (0.01, "avg", True)
+    assert ran["num_workers"] == 3                                          # ran with it, not fingerprinted
+    recorded = records.recorded_fingerprint(folder)
+    assert recorded == task.extra["fingerprint"]
+    assert recorded["config"] == {k: v for k, v in ran.items() if k not in NOT_SHAPING}
+
+
+def test_report_refuses_runs_made_with_other_settings(fake_out, monkeypatch):
+    out, name, s, plan, tasks = fake_out
+    records.write_run_log(out, tasks)
+    by_key = {t.key: t for t in tasks}
+    older = by_key["train:scratch:M2:f1"]                                   # recorded by an older version
+    f = records.run_folder(out, older.arm, name, older.index, s) / records.TASK_FILE
+    write_json(f, {**json.loads(f.read_text()), "version": "0.1.0"})
+    bare = by_key["train:macl:M4:f0"]                                       # no fingerprint at all
+    (records.run_folder(out, bare.arm, name, bare.index, s) / records.TASK_FILE).unlink()
+    result = rp.write_report(out)
+    reasons = {e["key"]: e["reason"] for e in result["excluded"]}
+    assert reasons[older.key] == "made with other settings: version"
+    assert reasons[bare.key].startswith("made with other settings: none recorded") and len(reasons) == 2
+    assert not {(r["arm"], r["budget"], r["fold"]) for r in result["runs"]} & {("scratch", 2, 1), ("macl", 4, 0)}
+    assert f"{older.key}: made with other settings: version" in result["caption"]
+    # the workdir now pretrains with another learning rate: every MACL run is refused, scratch stays
+    marker = json.loads((out / records.MARKER).read_text())
+    marker["settings"]["pretrain_extra"] = "--lr 0.01"
+    write_json(out / records.MARKER, marker)
+    result = rp.write_report(out)
+    reasons = {e["key"]: e["reason"] for e in result["excluded"]}
+    macl = {t.key for t in tasks if t.kind == "train" and t.method == "macl"}
+    lr_changed = {k for k, r in reasons.items() if r == "made with other settings: pretraining.config.lr"}
+    assert lr_changed == macl - {bare.key}
+    assert {r["arm"] for r in result["runs"]} == {"scratch"}
+    assert "`macl_pretrain --method <m> --lr 0.01`" in result["caption"]
+    # a newer package: nothing made before it is shown
+    monkeypatch.setattr(nnunetv2_macl, "__version__", "9.9.9")
+    result = rp.write_report(out)
+    assert result["runs"] == [] and len(result["excluded"]) == len(macl) * 2
+    assert all(e["reason"].startswith("made with other settings: version") for e in result["excluded"]
+               if e["key"] != bare.key)
+
+
+def test_pretrain_extra_is_checked_before_anything_runs():
+    from nnunetv2_macl.run.fewlabel import DEFAULTS, build_parser, settings_from_args
+
+    def settings(*argv: str) -> Settings:
+        return settings_from_args(build_parser().parse_args(["-d", "1", *argv]), dict(DEFAULTS))
+
+    extra = "--lr 0.01 --global-pooling avg"
+    assert settings("--pretrain-extra", extra).pretrain_extra == extra
+    assert settings("--pretrain-extra=--intensity-aug").pretrain_extra == "--intensity-aug"  # one option: with "="
+    for extra, message in [("--lrr 0.01", "unrecognized arguments: --lrr"), ("--lr", "expected one argument"),
+                           ("--global-pooling mean", "invalid choice: 'mean'"), ("7 --lr 0.01", "stray value"),
+                           ("--epochs 3", "sets --epochs.*use --pretrain-epochs"), ("--c", "sets --c.*use --resume"),
+                           ("--lambdas 0,0,0", "--lambdas must be"), ("--lr '0.01", "No closing quotation"),
+                           ("-h", "help")]:
+        with pytest.raises(FewLabelError, match=message):
+            settings(f"--pretrain-extra={extra}")
+    with pytest.raises(FewLabelError, match="--lrr"):                      # also before a pretrained arm is added
+        settings("--methods", "scratch", "--pretrain-extra=--lrr 1")
+
+
+def test_runner_and_report_do_not_import_each_other():
+    """No import cycle among the few-label modules (imports inside functions count; TYPE_CHECKING ones not)."""
+    import ast
+
+    import nnunetv2_macl.fewlabel as pkg
+
+    folder = Path(pkg.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for f in folder.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                       and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and id(node) not in typing_only and node.module:
+                if node.module == "nnunetv2_macl.fewlabel":
+                    deps |= {a.name for a in node.names}
+                elif node.module.startswith("nnunetv2_macl.fewlabel."):
+                    deps.add(node.module.rsplit(".", 1)[1])
+        graph[f.stem] = deps - {f.stem}
+    assert "runner" not in graph["report"]
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in graph.get(start, ()))
+
+    assert [m for m in graph if reaches(m, m, set())] == []
+
+
+def test_case_identifiers_with_dots(tmp_path):
+    """nnU-Net allows dots in case identifiers: the pretraining view and --resume's check of the validation
+    cases keep them whole."""
+    src = tmp_path / "pre" / "Dataset977_V"
+    (src / "nnUNetPlans_2d").mkdir(parents=True)
+    (src / "dataset.json").write_text("{}")
+    for c in ("sub.01", "sub.02"):
+        for ext in (".b2nd", "_seg.b2nd", ".pkl"):
+            (src / "nnUNetPlans_2d" / f"{c}{ext}").write_text(c)
+    pre = pretrain_view(src, tmp_path / "views", "nnUNetPlans_2d", ["sub.01"])
+    assert sorted(p.name for p in (pre / "nnUNetPlans_2d").iterdir()) == ["sub.01.b2nd", "sub.01.pkl",
+                                                                           "sub.01_seg.b2nd"]
+    out, name = tmp_path / "out", "Dataset977_V"
+    cases = [f"sub.{i:02d}" for i in range(10)]
+    s = Settings(methods=("scratch",), budgets=(2,), n_val=3)
+    plan = make_splits(cases, s.budgets, 1, "heldout", s.n_val, s.seed)
+    (task,) = records.task_list(s, plan)
+    folder = records.task_folder(task, out, name, s)
+    (folder / "validation").mkdir(parents=True)
+    write_json(folder / records.TASK_FILE, records.task_fingerprint(task, s, plan, cases))
+    (folder / "validation" / "summary.json").write_text(json.dumps(_summary(plan["splits"][0]["val"], {"1": 0.5})))
+    runner.plan_resume([task], out, name, s, plan, cases, resume=True, file_ending=".nii.gz")
+    assert task.status == "reused"
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -414,14 +737,69 @@ def test_macl_fewlabel_on_a_tiny_dataset_then_resume(tiny_dataset, nnunet_env):
     assert [r["dice_mean"] for r in again["runs"]] == [r["dice_mean"] for r in result["runs"]]
 
 
+@pytest.fixture(scope="module")
+def one_class_dataset(nnunet_env):
+    """10 synthetic cases of 16x32x32 with ONE foreground class (the generator's two merged), planned and
+    preprocessed for 2d."""
+    import SimpleITK as sitk
+
+    from nnunetv2_macl.demo.synthetic import make_synthetic_dataset, plan_and_preprocess
+
+    folder = Path(make_synthetic_dataset(str(nnunet_env["raw"]), dataset_id=993, name="OneClass", num_cases=10,
+                                         shape=(16, 32, 32), seed=1))
+    for f in (folder / "labelsTr").glob("*.nii.gz"):
+        img = sitk.ReadImage(str(f))
+        merged = sitk.GetImageFromArray((sitk.GetArrayFromImage(img) > 0).astype(np.uint8))
+        merged.CopyInformation(img)
+        sitk.WriteImage(merged, str(f), True)
+    dj = json.loads((folder / "dataset.json").read_text())
+    dj["labels"] = {"background": 0, "structure": 1}
+    (folder / "dataset.json").write_text(json.dumps(dj, indent=1))
+    plan_and_preprocess(993, configurations=("2d",), num_processes=1)
+    return {"id": 993, "name": folder.name}
+
+
+@pytest.mark.e2e
+def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(one_class_dataset, nnunet_env):
+    """``macl_fewlabel`` on a one-class dataset: 4 held-out cases, M in {1, 2}, scratch and MACL (encoder only)
+    pretrained with ``--pretrain-extra "--lr 0.01"``; macl_pretrain ran with the configuration the fingerprint
+    holds, and --resume reuses everything."""
+    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING
+
+    env = dict(os.environ)
+    env.pop("MACL_PRETRAINED", None)
+    args = [sys.executable, "-m", "nnunetv2_macl.run.fewlabel", "-d", str(one_class_dataset["id"]), "--val-cases", "4",
+            "--budgets", "1,2", "--folds", "1", "--methods", "scratch,macl@encoder", "--epochs", "2", "--iters", "2",
+            "--val-iters", "1", "--pretrain-epochs", "1", "--pretrain-batch-size", "8", "--pretrain-workers", "0",
+            "--pretrain-extra", "--lr 0.01", "--device", "cpu", "--procs", "1"]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = nnunet_env["results"] / one_class_dataset["name"] / "macl_fewlabel"
+    result = json.loads((out / "report" / "fewlabel_result.json").read_text())
+    assert sorted((r["arm"], r["budget"], r["n_train"], r["n_val"]) for r in result["runs"]) == [
+        ("macl_encoder", 1, 1, 4), ("macl_encoder", 2, 2, 4), ("scratch", 1, 1, 4), ("scratch", 2, 2, 4)]
+    assert all(set(k[5:] for k in r if k.startswith("dice_")) == {"mean", "structure"} for r in result["runs"])
+    assert "structure (%)" not in result["table_markdown"] and "one foreground class, structure" in result["caption"]
+    assert "`macl_pretrain --method <m> --lr 0.01`" in result["caption"]
+    pre = out / "results" / "macl" / one_class_dataset["name"] / "MACLPretrainer__nnUNetPlans__2d"
+    ran = json.loads((pre / "macl_config.json").read_text())                # written by macl_pretrain itself
+    assert ran["lr"] == 0.01
+    assert records.recorded_fingerprint(pre)["config"] == {k: v for k, v in ran.items() if k not in NOT_SHAPING}
+    p = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, encoding="utf-8",
+                       errors="replace", timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    again = json.loads((out / "report" / "fewlabel_result.json").read_text())
+    assert {r["status"] for r in again["run_log"]} == {"reused"} and len(again["runs"]) == 4
+
+
 def test_warmup_settings_reset_only_warmup_runs():
     """Trying another warm-up peak or length must not throw away the stock runs of a workdir."""
     cases = [f"case_{i:03d}" for i in range(40)]
     plain = Settings(methods=("scratch", "macl@encoder", "macl:warmup@encoder"), budgets=(4,), folds=1)
     tuned = dataclasses.replace(plain, warmup_peak_lr=0.01, warmup_epochs=3)
     plan = make_splits(cases, plain.budgets, 1, "heldout", 5)
-    before = {t.key: runner.task_fingerprint(t, plain, plan, cases) for t in runner.task_list(plain, plan)}
-    after = {t.key: runner.task_fingerprint(t, tuned, plan, cases) for t in runner.task_list(tuned, plan)}
+    before = {t.key: records.task_fingerprint(t, plain, plan, cases) for t in records.task_list(plain, plan)}
+    after = {t.key: records.task_fingerprint(t, tuned, plan, cases) for t in records.task_list(tuned, plan)}
     changed = sorted(k for k in before if before[k] != after[k])
     assert changed == ["train:macl_warmup_encoder:M4:f0"]
     assert (after[changed[0]]["warmup_peak_lr"], after[changed[0]]["warmup_epochs"]) == (0.01, 3)
@@ -434,16 +812,16 @@ def test_resume_moves_runs_when_split_indices_change(tmp_path):
     cases = [f"case_{i:03d}" for i in range(40)]
     out, name = tmp_path / "out", "Dataset981_Fake"
     plan_old = make_splits(cases, s_old.budgets, 1, "heldout", 5)
-    for t in runner.task_list(s_old, plan_old):
-        folder = runner.task_folder(t, out, name, s_old)
+    for t in records.task_list(s_old, plan_old):
+        folder = records.task_folder(t, out, name, s_old)
         folder.mkdir(parents=True)
-        write_json(folder / runner.TASK_FILE, runner.task_fingerprint(t, s_old, plan_old, cases))
+        write_json(folder / records.TASK_FILE, records.task_fingerprint(t, s_old, plan_old, cases))
         (folder / "marker.txt").write_text(f"M={t.budget}")
     plan_new = make_splits(cases, s_new.budgets, 1, "heldout", 5)
-    tasks = runner.task_list(s_new, plan_new)
+    tasks = records.task_list(s_new, plan_new)
     moves = runner.relocate_runs(tasks, out, name, s_new, plan_new, cases)
     assert moves == ["fold_1 -> fold_2"]                                   # M=20 moved from index 1 to 2
-    by_budget = {t.budget: runner.task_folder(t, out, name, s_new) for t in tasks}
+    by_budget = {t.budget: records.task_folder(t, out, name, s_new) for t in tasks}
     assert (by_budget[20] / "marker.txt").read_text() == "M=20" and (by_budget[4] / "marker.txt").read_text() == "M=4"
     assert not by_budget[10].exists()                                      # the new budget runs fresh
     runner.plan_resume(tasks, out, name, s_new, plan_new, cases, resume=True)

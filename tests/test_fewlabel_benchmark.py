@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.msd import convert_msd
 from nnunetv2_macl.fewlabel.settings import Settings
 from nnunetv2_macl.run.fewlabel import build_parser, settings_from_args
@@ -56,6 +57,11 @@ def test_profiles():
                           "--recipe", "warmup", "--pretrain-on-all")
     assert s.methods == ("scratch", "scratch:warmup") and s.finetune_epochs == 120 and s.pretrain_on_all
     assert [a.trainer for a in s.arms()] == ["nnUNetTrainerScratch_bench", "nnUNetTrainerScratch_warmup_bench"]
+    # --pretrain-extra reaches the benchmark too, and a typo fails before any data is staged
+    assert _profile_settings("cpu-smoke", "--pretrain-extra", "--lr 0.01 --tau 0.2").pretrain_extra == \
+        "--lr 0.01 --tau 0.2"
+    with pytest.raises(FewLabelError, match="unrecognized arguments: --tua"):
+        _profile_settings("cpu-smoke", "--pretrain-extra", "--lr 0.01 --tua 0.2")
 
 
 def _nifti(arr: np.ndarray, path: Path) -> None:

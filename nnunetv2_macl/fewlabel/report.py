@@ -13,31 +13,36 @@ import json
 import math
 import os
 import platform
+import shlex
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from nnunetv2_macl.errors import FewLabelError, StepError
+from nnunetv2_macl.errors import FewLabelError, MACLUserError, StepError
 from nnunetv2_macl.fewlabel import curves
-from nnunetv2_macl.fewlabel.runner import MARKER, OK, check_validation_cases, read_run_log, run_folder, task_list
+from nnunetv2_macl.fewlabel.pretraining import split_extra
+from nnunetv2_macl.fewlabel.records import (MARKER, OK, TASK_FILE, Task, check_validation_cases, fingerprint_diff,
+                                            pretrain_cases, read_run_log, recorded_fingerprint, run_folder, say,
+                                            task_fingerprint, task_list)
 from nnunetv2_macl.fewlabel.settings import METHOD_LABELS, Arm, Settings
 from nnunetv2_macl.fewlabel.splits import read_splits, write_json
 from nnunetv2_macl.run.subprocess_steps import read_summary
 
 REPORT_DIR = "report"
-
-
-def say(msg: str = "") -> None:
-    print(f"[fewlabel] {msg}" if msg else "", flush=True)
+SHOWN_KEYS = 3  # differing fingerprint keys named in the caption per excluded run
 
 
 # ============================================================================================ collecting
 def collect_runs(out: Path, dataset_name: str, s: Settings, plan: dict, run_log: list[dict],
-                 labels: dict[str, int] | None = None, file_ending: str | None = None) -> tuple[list[dict], list[dict]]:
-    """``(rows, excluded)``: one row per training that finished (run log) and was validated on the
-    protocol's validation cases; ``excluded`` names every other training with the reason."""
+                 labels: dict[str, int] | None = None, file_ending: str | None = None,
+                 cases: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """``(rows, excluded)``: one row per training that finished (run log), was made with the settings of
+    ``s`` (its recorded fingerprint is the one ``s`` and this code give; ``cases``: every case of the
+    dataset, for the pretraining's part) and was validated on the protocol's validation cases;
+    ``excluded`` names every other training with the reason."""
     status = {r["key"]: r for r in run_log}
+    pre_cases = None if cases is None else pretrain_cases(s, plan, cases)
     rows, excluded = [], []
     for t in task_list(s, plan):
         if t.kind != "train":
@@ -48,6 +53,10 @@ def collect_runs(out: Path, dataset_name: str, s: Settings, plan: dict, run_log:
         if logged is None or logged["status"] not in OK:
             excluded.append({"key": t.key, "reason": "not run" if logged is None else
                              logged["status"] + (f" ({logged['message'][:120]})" if logged.get("message") else "")})
+            continue
+        other = _other_settings(t, folder, s, plan, pre_cases)
+        if other:
+            excluded.append({"key": t.key, "reason": other})
             continue
         summary = folder / "validation" / "summary.json"
         try:
@@ -63,6 +72,23 @@ def collect_runs(out: Path, dataset_name: str, s: Settings, plan: dict, run_log:
                      "train_seconds": logged.get("seconds"), "summary_file": str(summary),
                      "folder": str(folder), "per_case": _per_case_dice(summary)})
     return rows, excluded
+
+
+def _other_settings(task: Task, folder: Path, s: Settings, plan: dict, pre_cases: list[str] | None) -> str:
+    """Why the run in ``folder`` was not made with the workdir's settings ("" when it was): its recorded
+    fingerprint against the one the settings and this code give (version, every pretraining setting)."""
+    try:
+        want = task_fingerprint(task, s, plan, pre_cases)
+    except MACLUserError as e:  # e.g. a pretraining option this code no longer accepts
+        return f"its settings cannot be resolved by this code: {' '.join(str(e).split())[:200]}"
+    got = recorded_fingerprint(folder)
+    if got is None:
+        return f"made with other settings: none recorded (no {folder.name}/{TASK_FILE})"
+    keys = fingerprint_diff(want, got)
+    if not keys:
+        return ""
+    more = f" (+{len(keys) - SHOWN_KEYS} more)" if len(keys) > SHOWN_KEYS else ""
+    return f"made with other settings: {', '.join(keys[:SHOWN_KEYS])}{more}"
 
 
 # ============================================================================================ tables
@@ -115,6 +141,7 @@ def aggregate(rows: list[dict], arms: Sequence[Arm], budgets: Sequence[int]) -> 
             if m != "scratch" and any(a.key == "scratch" for a in arms):
                 scratch = {r["fold"]: r["dice_mean"] for r in rows if r["arm"] == "scratch" and r["budget"] == b}
                 diffs = [r["dice_mean"] - scratch[r["fold"]] for r in sel if r["fold"] in scratch]
+                diffs = [d for d in diffs if math.isfinite(d)]  # nan: no foreground in reference and prediction
                 rec["delta_vs_scratch_mean"] = float(np.mean(diffs)) if diffs else None
                 rec["delta_vs_scratch_sd"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
                 rec["delta_n_folds"] = len(diffs)
@@ -133,6 +160,8 @@ def _pct(v: float | None, sd: float | None = None) -> str:
 
 
 def markdown_table(agg: list[dict], class_names: Sequence[str]) -> str:
+    """One row per (budget, arm); a column per class in ``class_names`` (pass none for a dataset with one
+    foreground class, whose Dice is the foreground mean)."""
     head = ["M", "method", "folds", "Dice mean (%)"] + [f"{c} (%)" for c in class_names] + ["Δ mean vs scratch (pp)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in agg:
@@ -200,7 +229,8 @@ def plot_dice_vs_budget(agg: list[dict], arms: Sequence[Arm], path: Path, title:
     ax.set_ylabel("validation Dice, foreground mean (%)")
     ax.set_title(title or "Few-label fine-tuning (mean ± sd over folds)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no arm has a result yet (all excluded): an empty plot, no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -208,7 +238,10 @@ def plot_dice_vs_budget(agg: list[dict], arms: Sequence[Arm], path: Path, title:
 
 
 # ============================================================================================ report
-def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list[dict]) -> str:
+def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list[dict],
+            class_names: Sequence[str] = ()) -> str:
+    """The table's caption: data, validation, splits, schedules, pretraining (with ``--pretrain-extra``),
+    and every run left out with the reason. ``class_names``: the foreground classes of the runs."""
     meta = plan["meta"]
     n_val = sorted({len(r["val"]) for r in plan["index"]})
     n_val_text = "/".join(map(str, n_val))
@@ -223,10 +256,12 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
     batch = (f"{s.finetune_batch_size} (the plans say {plans['batch_size']})" if s.finetune_batch_size
              else f"{plans['batch_size']} (the plans')")
     recipes = sorted({a.recipe for a in s.arms()})
+    one_class = (f" (one foreground class, {class_names[0]}: the mean is its Dice)" if len(class_names) == 1
+                 else "")
     lines = [
-        f"Dataset {info['dataset']}, nnU-Net `{s.configuration}` ({s.plans}); validation Dice = foreground mean "
-        f"of nnU-Net's full validation (`fold_X/validation/summary.json`) on {val_text}; mean ± sample sd over "
-        f"the folds; 'Δ' = paired difference to scratch on the same folds (percentage points).",
+        f"Dataset {info['dataset']}, nnU-Net `{s.configuration}` ({s.plans}); validation Dice = foreground mean"
+        f"{one_class} of nnU-Net's full validation (`fold_X/validation/summary.json`) on {val_text}; mean ± sample "
+        f"sd over the folds; 'Δ' = paired difference to scratch on the same folds (percentage points).",
         f"Training sets: {s.folds} fold(s) = different seeded draws of nested sets (M = "
         f"{', '.join(map(str, meta['budgets']))}; the M cases of a smaller budget are among those of a larger "
         f"one); identical for every method.",
@@ -237,8 +272,9 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
     pre = s.pretrain_methods()
     if pre:
         labels = ", ".join(METHOD_LABELS.get(m, m) for m in pre)
+        extra = " ".join(["", *map(shlex.quote, split_extra(s.pretrain_extra))])
         lines.append(
-            f"Pretraining ({labels}): `macl_pretrain --method <m>`, {s.pretrain_epochs} epoch(s), batch "
+            f"Pretraining ({labels}): `macl_pretrain --method <m>{extra}`, {s.pretrain_epochs} epoch(s), batch "
             f"{s.pretrain_batch_size}, once per method, no labels, on the images of {info.get('pretrain_cases')} "
             f"cases: " + ("the validation cases INCLUDED (--pretrain-on-all, as the paper did)." if s.pretrain_on_all
                           else "the validation cases EXCLUDED."))
@@ -287,7 +323,10 @@ def write_report(out: str | os.PathLike, timings: dict | None = None) -> dict:
     dj = info["dataset_json"]
     labels = {k: int(v) for k, v in dj["labels"].items() if isinstance(v, (int, float))}
     run_log = read_run_log(out)
-    rows, excluded = collect_runs(out, info["dataset"], s, plan, run_log, labels, dj.get("file_ending"))
+    # markers written before the case list was recorded give no pretraining fingerprint: such runs are
+    # older than the version in the fingerprints anyway, and left out for it
+    rows, excluded = collect_runs(out, info["dataset"], s, plan, run_log, labels, dj.get("file_ending"),
+                                  info.get("cases"))
     classes = _class_names(rows)
     arms = s.arms()
     agg = aggregate(rows, arms, s.budgets)
@@ -306,8 +345,8 @@ def write_report(out: str | os.PathLike, timings: dict | None = None) -> dict:
             p = overlay_figure(ds, plan, rows, folders, b, report / f"fewlabel_overlay_M{b}.png", s.overlay_cases)
             if p is not None:
                 overlays.append(str(p))
-    table = markdown_table(agg, classes)
-    text = caption(s, info, plan, excluded, agg)
+    table = markdown_table(agg, classes if len(classes) > 1 else [])  # one class: its column is the mean's
+    text = caption(s, info, plan, excluded, agg, classes)
     md = report / "fewlabel_table.md"
     md.write_text(f"{table}\n\n{text}\n\n{plateau_table(json.loads(curve_data.read_text()))}\n")
     previous = report / "fewlabel_result.json"

@@ -1,125 +1,35 @@
 """Run the few-label protocol: one pretraining per method, one ``nnUNetv2_train`` per (arm, budget, fold).
 
-Layout of the output folder ``out`` (``macl_fewlabel``: ``$nnUNet_results/DatasetXXX/macl_fewlabel``)::
-
-    fewlabel.json             settings and dataset (the marker: --resume reuses only such a folder)
-    views/finetune/<name>/    the dataset seen by the fine-tunings, with the protocol's splits_final.json
-    views/pretrain/<name>/    the dataset seen by the pretrainings (validation cases left out by default)
-    results/<method>/         nnUNet_results of each method: pretraining and trainings
-    logs/                     the output of every subprocess
-    fewlabel_run_log.json     status of every task (rewritten as they finish)
-    report/                   tables, CSV and plots (``report.write_report``)
-
-Every task writes its fingerprint (``fewlabel_task.json``: settings that shape it, its cases) into its
-folder first. With ``resume`` a finished task with the same fingerprint is reused, an unfinished one
-continues from its last checkpoint (``--c``), anything else starts over.
+The folder layout, the tasks, their fingerprints and the run log are in :mod:`~nnunetv2_macl.fewlabel.records`.
+With ``resume`` a finished task with the same fingerprint is reused, an unfinished one continues from
+its last checkpoint (``--c``), anything else starts over.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from nnunetv2_macl.errors import FewLabelError, StepError
-from nnunetv2_macl.fewlabel.settings import Arm, Settings, same_data, validate
-from nnunetv2_macl.fewlabel.splits import make_splits, validation_union, write_json, write_splits
+from nnunetv2_macl.fewlabel.pretraining import pretrain_arguments
+from nnunetv2_macl.fewlabel.records import (MARKER, OK, RUN_LOG, TASK_FILE, Task, check_validation_cases,
+                                            pretrain_cases, pretrain_folder, recorded_fingerprint, results_root, say,
+                                            task_fingerprint, task_folder, task_list, write_run_log)
+from nnunetv2_macl.fewlabel.report import write_report
+from nnunetv2_macl.fewlabel.settings import Settings, same_data, validate
+from nnunetv2_macl.fewlabel.splits import make_splits, write_json, write_splits
 from nnunetv2_macl.fewlabel.views import finetune_view, pretrain_view
-from nnunetv2_macl.run.subprocess_steps import find_executable, read_summary, stream_command, subprocess_env
-
-MARKER = "fewlabel.json"
-RUN_LOG = "fewlabel_run_log.json"
-TASK_FILE = "fewlabel_task.json"
-OK = ("done", "reused")
+from nnunetv2_macl.run.subprocess_steps import find_executable, stream_command, subprocess_env
 
 
-def say(msg: str = "") -> None:
-    print(f"[fewlabel] {msg}" if msg else "", flush=True)
-
-
-# ============================================================================================ layout
-def results_root(out: Path, method: str) -> Path:
-    return Path(out) / "results" / method
-
-
-def run_folder(out: Path, arm: Arm, dataset_name: str, index: int, s: Settings) -> Path:
-    return (results_root(out, arm.method) / dataset_name / f"{arm.trainer}__{s.plans}__{s.configuration}"
-            / f"fold_{int(index)}")
-
-
-def pretrain_folder(out: Path, method: str, dataset_name: str, s: Settings) -> Path:
-    from nnunetv2_macl.training.pretrainer import output_folder_name
-
-    return results_root(out, method) / dataset_name / output_folder_name(s.plans, s.configuration)
-
-
-# ============================================================================================ tasks
-@dataclass
-class Task:
-    key: str
-    kind: str                      # "pretrain" | "train"
-    method: str
-    arm: Arm | None = None
-    budget: int | None = None
-    fold: int | None = None
-    index: int | None = None
-    deps: tuple[str, ...] = ()
-    status: str = "pending"        # pending | running | done | reused | failed | cut | skipped
-    seconds: float | None = None
-    message: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def task_list(s: Settings, plan: dict) -> list[Task]:
-    """Pretrainings first, then the trainings fold by fold, budget by budget, arm by arm."""
-    tasks = [Task(key=f"pretrain:{m}", kind="pretrain", method=m) for m in s.pretrain_methods()]
-    by = {(r["budget"], r["fold"]): r["index"] for r in plan["index"]}
-    for f in range(s.folds):
-        for budget in s.budgets:
-            for arm in s.arms():
-                tasks.append(Task(key=f"train:{arm.key}:M{budget}:f{f}", kind="train", method=arm.method, arm=arm,
-                                  budget=budget, fold=f, index=by[(budget, f)],
-                                  deps=(f"pretrain:{arm.method}",) if arm.pretrained else ()))
-    return tasks
-
-
-def pretrain_cases(s: Settings, plan: dict, all_cases: list[str]) -> list[str]:
-    held = set() if s.pretrain_on_all else set(validation_union(plan))
-    return [c for c in all_cases if c not in held]
-
-
-def task_fingerprint(task: Task, s: Settings, plan: dict, cases: list[str]) -> dict:
-    pre = {"method": task.method, "epochs": s.pretrain_epochs, "batch_size": s.pretrain_batch_size, "seed": s.seed,
-           "configuration": s.configuration, "plans": s.plans, "cases": cases}
-    if task.kind == "pretrain":
-        return pre
-    entry = plan["splits"][task.index]
-    warm = task.arm.recipe == "warmup"  # the warm-up knobs shape warm-up runs only: trying one keeps the stock runs
-    return {"trainer": task.arm.trainer, "epochs": s.finetune_epochs, "iters": s.iters, "val_iters": s.val_iters,
-            "batch_size": s.finetune_batch_size, "seed": s.seed, "warmup_epochs": s.warmup_epochs if warm else None,
-            "warmup_peak_lr": s.warmup_peak_lr if warm else None, "train": entry["train"], "val": entry["val"],
-            "pretraining": pre if task.arm.pretrained else None}
-
-
-def _recorded(folder: Path) -> dict | None:
-    f = folder / TASK_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
-
-
-def task_folder(task: Task, out: Path, name: str, s: Settings) -> Path:
-    if task.kind == "pretrain":
-        return pretrain_folder(out, task.method, name, s)
-    return run_folder(out, task.arm, name, task.index, s)
-
-
+# ============================================================================================ resume
 def plan_resume(tasks: list[Task], out: Path, name: str, s: Settings, plan: dict, cases: list[str],
-                resume: bool) -> None:
+                resume: bool, file_ending: str | None = None) -> None:
     """Mark tasks whose results are there and fit as "reused", those that can continue with ``--c``.
 
     Split indices are positions (``m_index * n_folds + fold``), so adding a budget or a fold moves a
@@ -130,10 +40,10 @@ def plan_resume(tasks: list[Task], out: Path, name: str, s: Settings, plan: dict
     for t in tasks:
         folder = task_folder(t, out, name, s)
         fp = task_fingerprint(t, s, plan, cases)
-        same = resume and _recorded(folder) == fp
+        same = resume and recorded_fingerprint(folder) == fp
         finished = (folder / "checkpoint_final.pth").is_file() if t.kind == "pretrain" else \
             (folder / "validation" / "summary.json").is_file()
-        if same and finished and (t.kind == "pretrain" or _validation_ok(t, folder, plan, s)):
+        if same and finished and (t.kind == "pretrain" or _validation_ok(t, folder, plan, file_ending)):
             t.status = "reused"
         elif same and any((folder / c).is_file() for c in ("checkpoint_latest.pth", "checkpoint_final.pth")):
             t.extra["continue"] = True
@@ -148,7 +58,7 @@ def relocate_runs(tasks: list[Task], out: Path, name: str, s: Settings, plan: di
     found: dict[Path, Path] = {}
     for parent in {f.parent for f in wanted.values()}:
         for folder in parent.glob("fold_*") if parent.is_dir() else ():
-            fp = _recorded(folder)
+            fp = recorded_fingerprint(folder)
             target = wanted.get(json.dumps(fp, sort_keys=True)) if fp is not None else None
             if target is not None and target != folder:
                 found[folder] = target
@@ -167,25 +77,12 @@ def relocate_runs(tasks: list[Task], out: Path, name: str, s: Settings, plan: di
     return moves
 
 
-def _validation_ok(task: Task, folder: Path, plan: dict, s: Settings) -> bool:
+def _validation_ok(task: Task, folder: Path, plan: dict, file_ending: str | None) -> bool:
     try:
-        check_validation_cases(task, folder, plan, None)
+        check_validation_cases(task, folder, plan, file_ending)  # the ending: case names may hold dots
         return True
     except StepError:
         return False
-
-
-def check_validation_cases(task: Task, folder: Path, plan: dict, file_ending: str | None) -> None:
-    """nnU-Net silently falls back to a random split for a fold index it does not find: refuse that."""
-    summary = folder / "validation" / "summary.json"
-    got = sorted(read_summary(summary)["validation_cases"])
-    want = sorted(plan["splits"][task.index]["val"])
-    stems = sorted(c[: -len(file_ending)] if file_ending and c.endswith(file_ending) else c.split(".", 1)[0]
-                   for c in got)
-    if stems != want:
-        raise StepError(f"validated on other cases than split {task.index} of splits_final.json ({len(got)} vs "
-                        f"{len(want)} cases; nnU-Net falls back to a random split for a fold it does not find): "
-                        f"{summary}")
 
 
 # ============================================================================================ running
@@ -215,10 +112,8 @@ def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: 
     write_json(folder / TASK_FILE, task.extra["fingerprint"])
     if task.kind == "pretrain":
         env["nnUNet_preprocessed"] = str(out / "views" / "pretrain")
-        cmd = [find_executable("macl_pretrain"), "-d", str(s.dataset_id), "-c", s.configuration, "-p", s.plans,
-               "--method", task.method, "--device", s.device, "--epochs", str(s.pretrain_epochs),
-               "--batch-size", str(s.pretrain_batch_size), "--num-workers", str(s.pretrain_workers),
-               "--seed", str(s.seed), "--save-every", "1"] + (["--c"] if cont else [])
+        # the same arguments the pretraining fingerprint was resolved from (records.pretrain_fingerprint)
+        cmd = [find_executable("macl_pretrain"), *pretrain_arguments(s, task.method)] + (["--c"] if cont else [])
         stream_command(cmd, env, f"[pretrain {task.method}]", logs / f"pretrain_{task.method}.log", timeout)
         if not (folder / "checkpoint_final.pth").is_file():
             raise StepError(f"macl_pretrain --method {task.method} finished without writing {folder}/checkpoint_final.pth")
@@ -309,49 +204,6 @@ def run_tasks(tasks: list[Task], jobs: int, execute_one, check=None, deadline: f
                         say(f"{t.key} FAILED after {t.seconds:.0f} s: {t.message[:500]}")
 
 
-def write_run_log(out: Path, tasks: list[Task]) -> list[dict]:
-    """The state of every task, rewritten as tasks finish, so that a report can say what was cut or
-    failed even when the runner itself was stopped (``runner``: host and pid of the writing process)."""
-    runner = f"{socket.gethostname()}:{os.getpid()}"
-    log = [{"key": t.key, "kind": t.kind, "method": t.method, "arm": t.arm.key if t.arm else None,
-            "budget": t.budget, "fold": t.fold, "index": t.index, "status": t.status,
-            "seconds": None if t.seconds is None else round(t.seconds, 1), "message": t.message,
-            "runner": runner} for t in tasks]
-    write_json(Path(out) / RUN_LOG, log)
-    return log
-
-
-def runner_alive(runner: str | None) -> bool:
-    """Whether the process that wrote a run log entry (``host:pid``) is still running on this host."""
-    host, _, pid = str(runner or "").rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def read_run_log(out: Path) -> list[dict]:
-    """The run log. Tasks pending or running are reported as "cut" when their runner has stopped, and
-    keep their status (with the runner's pid) while it is still going, e.g. for ``--report-only``
-    during a long measurement."""
-    f = Path(out) / RUN_LOG
-    if not f.is_file():
-        return []
-    log = json.loads(f.read_text())
-    for r in log:
-        if r["status"] in ("pending", "running"):
-            if runner_alive(r.get("runner")):
-                r["message"] = f"the runner (pid {str(r['runner']).rpartition(':')[2]}) is still going"
-            else:
-                r["status"], r["message"] = "cut", f"runner stopped while {r['status']}"
-    return log
-
-
 # ============================================================================================ the protocol
 def prepare_out(out: Path, s: Settings, resume: bool) -> None:
     """Refuse a foreign folder; without ``resume`` (or for other data) clear an earlier run."""
@@ -382,7 +234,6 @@ def run_protocol(out: str | os.PathLike, s: Settings, dataset_name: str, source_
     """Splits, views, pretrainings and trainings of ``s`` on the preprocessed dataset folder
     ``source_preprocessed`` (never written), then the report. Returns the report's result (or, with
     ``report=False``, ``{"run_log": ..., "plan": ...}``). A failing task is recorded and the others go on."""
-    from nnunetv2_macl.fewlabel.report import write_report
     from nnunetv2_macl.run.trainer_path import ext_trainer_value
     from nnunetv2_macl.data.slice_dataset import list_cases
 
@@ -415,20 +266,21 @@ def run_protocol(out: str | os.PathLike, s: Settings, dataset_name: str, source_
     pre_cases = pretrain_cases(s, plan, cases)
     if s.pretrain_methods():
         pretrain_view(source, views / "pretrain", data_identifier, pre_cases)
+    # the cases let the report recompute every task's fingerprint from this file alone
     write_json(out / MARKER, {"settings": s.to_dict(), "dataset": dataset_name, "source": str(source),
                               "raw": None if raw_dataset is None else str(Path(raw_dataset).resolve()),
-                              "num_cases": len(cases), "pretrain_cases": len(pre_cases)})
+                              "num_cases": len(cases), "pretrain_cases": len(pre_cases), "cases": list(cases)})
     say(f"{len(cases)} cases; {len(plan['splits'])} split entries; validation: {len(plan['index'][0]['val'])} "
         f"cases ({s.split}); pretraining on {len(pre_cases)} cases")
 
     tasks = task_list(s, plan)
-    plan_resume(tasks, out, dataset_name, s, plan, pre_cases, resume)
+    ending = json.loads((source / "dataset.json").read_text()).get("file_ending")
+    plan_resume(tasks, out, dataset_name, s, plan, pre_cases, resume, ending)
     env0 = subprocess_env({"nnUNet_raw": os.environ.get("nnUNet_raw") or str(out / "views" / "_no_raw")},
                           ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
     procs = s.procs or processes_per_job(s.jobs)
     say(f"{sum(t.kind == 'train' for t in tasks)} trainings, {sum(t.kind == 'pretrain' for t in tasks)} "
         f"pretrainings ({sum(t.status == 'reused' for t in tasks)} reused); {s.jobs} at a time on {s.device}")
-    ending = json.loads((source / "dataset.json").read_text()).get("file_ending")
     run_tasks(tasks, s.jobs, lambda t, timeout: execute(t, s, out, dataset_name, env0, timeout, procs),
               check=lambda t: check_validation_cases(t, task_folder(t, out, dataset_name, s), plan, ending)
               if t.kind == "train" else None,

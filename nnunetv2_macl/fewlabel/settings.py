@@ -89,6 +89,7 @@ class Settings:
     pretrain_epochs: int = 1
     pretrain_batch_size: int = 8
     pretrain_workers: int = 0
+    pretrain_extra: str = ""                     # more macl_pretrain options for every pretraining, e.g. "--lr 0.01"
     finetune_epochs: int = 2
     iters: int = 4
     val_iters: int = 1
@@ -131,6 +132,7 @@ def same_data(previous: Settings, current: Settings) -> bool:
 
 
 def validate(s: Settings) -> None:
+    """Every setting checked before anything runs, the pretraining options with ``macl_pretrain``'s parser."""
     arms = s.arms()
     if not arms or len({a.key for a in arms}) != len(arms):
         raise FewLabelError(f"methods must be distinct, got {s.methods}")
@@ -155,3 +157,6 @@ def validate(s: Settings) -> None:
         raise FewLabelError(f"warmup_epochs ({s.warmup_epochs}) must be below the {s.finetune_epochs} epochs")
     if s.warmup_peak_lr is not None and not s.warmup_peak_lr > 0:
         raise FewLabelError(f"warmup_peak_lr must be > 0, got {s.warmup_peak_lr}")
+    from nnunetv2_macl.fewlabel.pretraining import check_pretrain_extra  # imports macl_pretrain (torch)
+
+    check_pretrain_extra(s)

@@ -55,7 +55,9 @@ def make_splits(case_ids: Sequence[str], budgets: Sequence[int], n_folds: int, s
     per_fold: list[tuple[list[str], list[str]]] = []  # (validation, training pool in draw order)
     if scheme == "heldout":
         if n_val is None or n_val >= len(ids):
-            raise FewLabelError(f"--val-cases must be below the {len(ids)} cases, got {n_val}")
+            hint = max(1, len(ids) * 2 // 5)  # a suggestion only: 2/5 held out leaves most cases to draw from
+            raise FewLabelError(f"--val-cases must be below the {len(ids)} cases, got {n_val} (e.g. --val-cases {hint} "
+                                f"leaves {len(ids) - hint} cases to draw the training sets from)")
         order = np.random.default_rng([seed, 1000]).permutation(len(ids))
         val = sorted(ids[i] for i in order[:n_val])
         rest = sorted(ids[i] for i in order[n_val:])
@@ -81,7 +83,7 @@ def make_splits(case_ids: Sequence[str], budgets: Sequence[int], n_folds: int, s
     for f, (val, pool) in enumerate(per_fold):
         if budgets[-1] > len(pool):
             raise FewLabelError(f"budget M={budgets[-1]} exceeds the {len(pool)} cases fold {f} can train on "
-                                f"({len(ids)} cases, {len(val)} for validation)")
+                                f"({len(ids)} cases, {len(val)} for validation): lower --budgets or --val-cases")
         for mi, m in enumerate(budgets):
             i = split_index(mi, f, n_folds)
             splits[i] = {"train": list(pool[:m]), "val": list(val)}

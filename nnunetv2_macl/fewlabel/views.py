@@ -61,7 +61,7 @@ def pretrain_view(source_dataset: str | os.PathLike, view_root: str | os.PathLik
     wanted = set(cases)
     found: set[str] = set()
     for f in sorted(data.iterdir()):
-        stem = f.name.split(".", 1)[0]
+        stem = f.name.rsplit(".", 1)[0]  # from the right: case identifiers may hold dots, as nnU-Net allows
         case = stem[:-4] if stem.endswith("_seg") else stem
         if case in wanted:
             (target / data_identifier / f.name).symlink_to(f.resolve())

@@ -60,6 +60,11 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--pretrain-epochs", type=int)
     s.add_argument("--pretrain-batch-size", type=int)
     s.add_argument("--pretrain-workers", type=int, help="data loading processes of each pretraining")
+    s.add_argument("--pretrain-extra", metavar="ARGS",
+                   help="more macl_pretrain options for every pretraining of the workdir, one quoted string, e.g. "
+                        "--pretrain-extra \"--lr 0.01 --global-pooling avg\" (a single option: "
+                        "--pretrain-extra=--two-stage); checked with macl_pretrain's parser before anything runs, "
+                        "part of the pretrainings' fingerprint (--resume redoes what they change)")
     s.add_argument("--epochs", "--finetune-epochs", dest="finetune_epochs", type=int, help="fine-tuning epochs")
     s.add_argument("--iters", type=int, help="training iterations per fine-tuning epoch")
     s.add_argument("--val-iters", type=int, help="validation iterations per epoch (pseudo-Dice of the curves)")
@@ -82,9 +87,9 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FIELDS = ("budgets", "folds", "methods", "recipe", "n_val", "split", "n_splits", "pretrain_on_all", "seed",
-           "pretrain_epochs", "pretrain_batch_size", "pretrain_workers", "finetune_epochs", "iters", "val_iters",
-           "finetune_batch_size", "warmup_epochs", "warmup_peak_lr", "save_every", "device", "jobs", "procs",
-           "deadline_min", "hard_deadline_min", "overlay_cases")
+           "pretrain_epochs", "pretrain_batch_size", "pretrain_workers", "pretrain_extra", "finetune_epochs", "iters",
+           "val_iters", "finetune_batch_size", "warmup_epochs", "warmup_peak_lr", "save_every", "device", "jobs",
+           "procs", "deadline_min", "hard_deadline_min", "overlay_cases")
 
 
 def settings_from_args(args: argparse.Namespace, base: dict) -> Settings:

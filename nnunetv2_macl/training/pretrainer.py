@@ -524,7 +524,14 @@ class MACLPretrainer:
         if getattr(self, "_diagnostic_batch", None) is None:
             indices = diagnostic_indices(getattr(self.dataset, "case_index", np.arange(len(self.dataset))),
                                          self.config.batch_size, seed=self.config.seed)
-            items = [self.dataset[i] for i in indices]
+            # the crop windows of epoch 0, whatever epoch a run or a resume starts in, so that every epoch
+            # of every run (and macl_diagnose) looks at the same pixels
+            epoch = getattr(self.dataset, "epoch", 0)
+            self.dataset.set_epoch(0)
+            try:
+                items = [self.dataset[i] for i in indices]
+            finally:
+                self.dataset.set_epoch(epoch)
             self._diagnostic_batch = [torch.stack(parts).to(self.device) for parts in zip(*items)]
         images, positions, content = self._diagnostic_batch
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
