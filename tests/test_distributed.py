@@ -31,31 +31,40 @@ def make_batch(seed: int = 0):
     }, torch.rand(n, 1, generator=g)
 
 
-def _worker(rank: int, init_file: str, out_dir: str, gather: bool) -> None:
+def _in_process_group(rank: int, init_file: str, out_dir: str, body, *args) -> None:
+    """Run ``body(rank, *args)`` in a gloo group of WORLD processes and save what it returns for rank."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        outputs, positions = make_batch()
-        sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        local = {k: v[sl].clone().requires_grad_(True) for k, v in outputs.items()}
-        loss_fn = MultiLevelContrastiveLoss()
-        if gather:
-            gathered = {k: all_gather_with_grad(v) for k, v in local.items()}
-            total, _ = loss_fn(gathered, all_gather_with_grad(positions[sl]))
-        else:  # per-GPU negatives (the authors' behaviour)
-            total, _ = loss_fn(local, positions[sl])
-        total.backward()
-        # the backward all_reduce leaves WORLD x d(loss)/d(own rows) on each process; DDP's averaging
-        # of parameter gradients over the processes divides that by WORLD again
-        grads = {k: v.grad / WORLD for k, v in local.items()}
-        torch.save({"loss": total.detach(), "grads": grads}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(body(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(gather: bool):
+def _spawn(body, *args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp, gather), nprocs=WORLD, join=True)
+        mp.spawn(_in_process_group, args=(os.path.join(tmp, "init"), tmp, body, *args), nprocs=WORLD, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+
+
+def _worker(rank: int, gather: bool) -> dict:
+    outputs, positions = make_batch()
+    sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    local = {k: v[sl].clone().requires_grad_(True) for k, v in outputs.items()}
+    loss_fn = MultiLevelContrastiveLoss()
+    if gather:
+        gathered = {k: all_gather_with_grad(v) for k, v in local.items()}
+        total, _ = loss_fn(gathered, all_gather_with_grad(positions[sl]))
+    else:  # per-GPU negatives (the authors' behaviour)
+        total, _ = loss_fn(local, positions[sl])
+    total.backward()
+    # the backward all_reduce leaves WORLD x d(loss)/d(own rows) on each process; DDP's averaging
+    # of parameter gradients over the processes divides that by WORLD again
+    grads = {k: v.grad / WORLD for k, v in local.items()}
+    return {"loss": total.detach(), "grads": grads}
+
+
+def _run(gather: bool):
+    return _spawn(_worker, gather)
 
 
 def test_gathered_loss_and_gradients_equal_single_process():
@@ -168,30 +177,24 @@ def _model_loss(macl, images, v1, v2, positions, gather):
     return total
 
 
-def _model_worker(rank: int, init_file: str, out_dir: str, global_batchnorm: bool) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        macl = _tiny_macl(global_batchnorm)
-        images, v1, v2, positions = _model_batch()
-        sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
-        total = _model_loss(macl, images[sl], v1[sl], v2[sl], positions[sl], gather=True)
-        total.backward()
-        grads = {}
-        for name, p in macl.named_parameters():
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            dist.all_reduce(g)  # what DDP does, then divides by the number of processes
-            grads[name] = g / WORLD
-        running = {k: v for k, v in macl.state_dict().items() if "running_mean" in k}
-        torch.save({"loss": total.detach(), "grads": grads, "running": running}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _model_worker(rank: int, global_batchnorm: bool) -> dict:
+    torch.set_num_threads(1)
+    macl = _tiny_macl(global_batchnorm)
+    images, v1, v2, positions = _model_batch()
+    sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    total = _model_loss(macl, images[sl], v1[sl], v2[sl], positions[sl], gather=True)
+    total.backward()
+    grads = {}
+    for name, p in macl.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)  # what DDP does, then divides by the number of processes
+        grads[name] = g / WORLD
+    running = {k: v for k, v in macl.state_dict().items() if "running_mean" in k}
+    return {"loss": total.detach(), "grads": grads, "running": running}
 
 
 def _run_model(global_batchnorm: bool):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_model_worker, args=(os.path.join(tmp, "init"), tmp, global_batchnorm), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
+    return _spawn(_model_worker, global_batchnorm)
 
 
 def test_two_processes_with_the_real_model_and_heads_equal_one_process():

@@ -28,8 +28,10 @@ from nnunetv2_macl.losses import (
 
 
 # ----------------------------------------------------------------------------- references
-def naive_supcon(features: torch.Tensor, positive: list[list[bool]], tau: float) -> float:
-    """METHOD.md's SupCon, written out anchor by anchor with python floats."""
+def naive_supcon(features: torch.Tensor, positive: list[list[bool]], tau: float,
+                 excluded: list[list[bool]] | None = None) -> float:
+    """METHOD.md's SupCon, written out anchor by anchor with python floats; ``excluded`` pairs are neither
+    positives nor in the denominator."""
     f = [[float(x) for x in row] for row in features.double()]
     f = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in f]
     m = len(f)
@@ -39,11 +41,12 @@ def naive_supcon(features: torch.Tensor, positive: list[list[bool]], tau: float)
 
     losses = []
     for a in range(m):
-        pos = [b for b in range(m) if b != a and positive[a][b]]
+        others = [k for k in range(m) if k != a and not (excluded and excluded[a][k])]
+        pos = [b for b in others if positive[a][b]]
         if not pos:
             continue
-        denominator = sum(math.exp(sim(a, k)) for k in range(m) if k != a)
-        losses.append(-sum(math.log(math.exp(sim(a, b)) / denominator) for b in pos) / len(pos))
+        log_denominator = math.log(sum(math.exp(sim(a, k)) for k in others))
+        losses.append(-sum(sim(a, b) - log_denominator for b in pos) / len(pos))
     return sum(losses) / len(losses)
 
 
@@ -590,26 +593,6 @@ def test_dense_loss_drops_cells_below_half_content_per_sample():
 
 
 # ----------------------------------------------------------------------------- Ld across locations
-def naive_supcon_with_exclusions(features: torch.Tensor, positive, excluded, tau: float) -> float:
-    """SupCon where excluded pairs are neither positives nor in the denominator, anchor by anchor."""
-    f = [[float(x) for x in row] for row in features.double()]
-    f = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in f]
-    m = len(f)
-
-    def sim(a: int, b: int) -> float:
-        return sum(x * y for x, y in zip(f[a], f[b])) / tau
-
-    losses = []
-    for a in range(m):
-        others = [k for k in range(m) if k != a and not excluded[a][k]]
-        pos = [b for b in others if positive[a][b]]
-        if not pos:
-            continue
-        log_denominator = math.log(sum(math.exp(sim(a, k)) for k in others))
-        losses.append(-sum(sim(a, b) - log_denominator for b in pos) / len(pos))
-    return sum(losses) / len(losses)
-
-
 @pytest.mark.parametrize("slice_positives", [False, True])
 def test_location_contrast_matches_the_written_out_rule(slice_positives):
     """Rows (branch, slice, cell): the positive of a cell is the same cell of the same slice in the other
@@ -630,7 +613,7 @@ def test_location_contrast_matches_the_written_out_rule(slice_positives):
             same_cell_other_slice = ci == cj and i != j
             positive[-1].append((ci == cj and i == j) or (slice_positives and same_cell_other_slice and near))
             excluded[-1].append(same_cell_other_slice and not (slice_positives and near))
-    expected = naive_supcon_with_exclusions(features, positive, excluded, 0.1)
+    expected = naive_supcon(features, positive, 0.1, excluded)
     loss = dense_contrastive_loss(dom, aux, torch.tensor(positions), contrast="locations", locations=64,
                                   slice_positives=slice_positives)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
