@@ -654,3 +654,31 @@ def test_location_contrast_samples_a_shared_subset_and_skips_padding():
     torch.manual_seed(1)
     assert dense_contrastive_loss(garbage, aux, positions, contrast="locations", content=content,
                                   locations=64).item() == pytest.approx(clean.item(), rel=1e-5)
+
+
+def test_dense_loss_with_a_different_padding_per_sample_matches_the_reference():
+    """Each sample has its own padded cells: at every location the SupCon runs over the samples (both
+    branches) whose cell there is image, written out with the naive reference and averaged over the
+    locations that keep a positive pair."""
+    from nnunetv2_macl.losses.dense_contrastive import content_cells
+
+    g = torch.Generator().manual_seed(41)
+    n, c = 4, 6
+    dom, aux = torch.randn(n, c, 2, 2, generator=g), torch.randn(n, c, 2, 2, generator=g)
+    positions = [0.1, 0.15, 0.2, 0.9]
+    content = torch.ones(n, 1, 8, 8)
+    content[0, :, :, :2] = 0  # sample 0: left cell column is padding
+    content[2, :, :2, :] = 0  # sample 2: top cell row is padding
+    content[3] = 0  # sample 3: all padding
+    cells = content_cells(content, (2, 2))
+    assert cells.tolist() == [[False, True, False, True], [True] * 4, [False, False, True, True], [False] * 4]
+    per_location = []
+    for s in range(4):
+        keep = [i for i in range(n) if cells[i, s]]
+        rows = keep + keep  # dominant then auxiliary rows of the kept samples
+        features = torch.stack([dom[i, :, s // 2, s % 2] for i in keep] + [aux[i, :, s // 2, s % 2] for i in keep])
+        pos = [positions[i] for i in rows]
+        per_location.append(naive_supcon(features, naive_position_positives(pos, 0.1), 0.1))
+    expected = sum(per_location) / len(per_location)
+    loss = dense_contrastive_loss(dom, aux, torch.tensor(positions), content=content)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
