@@ -96,6 +96,31 @@ def test_defaults_are_2p5_mm_128_batch_16(ds):
     assert d["n_stages"] == 6  # 128 -> 4 at the bottleneck, as nnU-Net plans a 128x128 patch
 
 
+def test_max_stages_drops_the_deepest_stages_and_fits_the_macl_crop(ds):
+    """A 128 x 128 patch: nnU-Net plans 6 stages (stride 32), which makes MACL's crop (N = 2) 256 x 128;
+    capped at 5 stages the network keeps nnU-Net's first 5 and the crop is the patch."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_macl.model.macl_network import fitting_crop_size
+
+    full = add_cpu_configuration(DATASET_ID, patch_size=128, name="deep")
+    capped = add_cpu_configuration(DATASET_ID, patch_size=128, name="capped", max_stages=5)
+    assert full["n_stages"] == 6 and capped["n_stages"] == 5
+    assert capped["features_per_stage"] == full["features_per_stage"][:5] and capped["strides"] == full["strides"][:5]
+    crops = {}
+    for name in ("deep", "capped"):
+        cm = PlansManager(str(ds["plans_file"])).get_configuration(name)
+        kwargs = cm.network_arch_init_kwargs
+        assert all(len(v) == kwargs["n_stages"] - ("_decoder" in k) for k, v in kwargs.items() if isinstance(v, list))
+        net = get_network_from_plans(cm.network_arch_class_name, kwargs, cm.network_arch_init_kwargs_req_import, 1, 2,
+                                     allow_init=True, deep_supervision=True)
+        crops[name] = fitting_crop_size(net, 2, cm.patch_size)
+    assert sorted(crops["deep"]) == [128, 256] and crops["capped"] == [128, 128]
+    with pytest.raises(CpuPlanError, match="max stages must be >= 2"):
+        add_cpu_configuration(DATASET_ID, name="bad", max_stages=1)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(dataset=968), "unknown dataset"),
     (dict(base_configuration="3d_fullres"), "only 2-D configurations are supported"),

@@ -99,8 +99,14 @@ def _median_shape_at(fingerprint: dict, transpose_forward: Sequence[int], spacin
 def plan_cpu_configuration(dataset: int | str, in_plane_spacing: float | Sequence[float] = DEFAULT_SPACING_MM,
                            patch_size: int | Sequence[int] = DEFAULT_PATCH, batch_size: int = DEFAULT_BATCH,
                            name: str = DEFAULT_NAME, base_configuration: str = "2d",
-                           plans_identifier: str = "nnUNetPlans", overwrite: bool = False) -> tuple[Path, dict, dict]:
-    """Plan the configuration without writing it: ``(plans file, plans with it added, the new entry)``."""
+                           plans_identifier: str = "nnUNetPlans", overwrite: bool = False,
+                           max_stages: int | None = None) -> tuple[Path, dict, dict]:
+    """Plan the configuration without writing it: ``(plans file, plans with it added, the new entry)``.
+
+    ``max_stages`` caps the depth nnU-Net plans for the patch (its deepest stages dropped). MACL's
+    dominant branch sees the input at 1/k (k = 4 for N = 2) and needs a bottleneck of more than one cell,
+    so its crop must hold 2 x k x the total stride: a 128 x 128 patch with nnU-Net's 6 stages (stride 32)
+    makes a 256 x 128 crop, half padding; 5 stages make it 128 x 128."""
     spacing = tuple(float(s) for s in _pair(in_plane_spacing, "in-plane spacing"))
     patch = tuple(int(p) for p in _pair(patch_size, "patch size"))
     if min(spacing) <= 0:
@@ -109,6 +115,8 @@ def plan_cpu_configuration(dataset: int | str, in_plane_spacing: float | Sequenc
         raise CpuPlanError(f"patch size must be at least 8 per axis, got {list(patch)}")
     if int(batch_size) < 1:
         raise CpuPlanError(f"batch size must be >= 1, got {batch_size}")
+    if max_stages is not None and int(max_stages) < 2:
+        raise CpuPlanError(f"max stages must be >= 2 (an encoder stage and a bottleneck), got {max_stages}")
     if not _NAME.fullmatch(name) or "__" in name:
         # nnU-Net joins trainer, plans and configuration with '__' in its results folders
         raise CpuPlanError(f"configuration name {name!r}: use letters, digits, '_' and '-', without '__'")
@@ -148,6 +156,8 @@ def plan_cpu_configuration(dataset: int | str, in_plane_spacing: float | Sequenc
         lower = [int(p // s * s) for p, s in zip(patch, strides)]
         raise CpuPlanError(f"patch {list(patch)} does not fit the network nnU-Net plans for it (each axis must "
                            f"be a multiple of {[int(s) for s in strides]}); use {lower} or {list(got)}")
+    if max_stages is not None:
+        cap_stages(planned["architecture"]["arch_kwargs"], int(max_stages))
     entry = {"inherits_from": base_configuration, "data_identifier": data_identifier,
              "spacing": list(spacing), "patch_size": list(patch), "batch_size": int(batch_size),
              "median_image_size_in_voxels": median, "architecture": planned["architecture"]}
@@ -159,10 +169,26 @@ def plan_cpu_configuration(dataset: int | str, in_plane_spacing: float | Sequenc
     return plans_file, new_plans, entry
 
 
+def cap_stages(arch_kwargs: dict, max_stages: int) -> None:
+    """Drop the deepest stages of a planned architecture beyond ``max_stages`` (in place): every per-stage
+    list (features, kernels, strides, convolutions or blocks per stage) loses its last entries, the
+    decoder's per-stage lists (one fewer entry) with them."""
+    n = int(arch_kwargs["n_stages"])
+    if max_stages >= n:
+        return
+    for key, value in list(arch_kwargs.items()):
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            arch_kwargs[key] = list(value)[:max_stages]
+        elif isinstance(value, (list, tuple)) and len(value) == n - 1 and key.endswith("_decoder"):
+            arch_kwargs[key] = list(value)[:max_stages - 1]
+    arch_kwargs["n_stages"] = max_stages
+
+
 def add_cpu_configuration(dataset: int | str, in_plane_spacing: float | Sequence[float] = DEFAULT_SPACING_MM,
                           patch_size: int | Sequence[int] = DEFAULT_PATCH, batch_size: int = DEFAULT_BATCH,
                           name: str = DEFAULT_NAME, base_configuration: str = "2d",
-                          plans_identifier: str = "nnUNetPlans", overwrite: bool = False) -> dict:
+                          plans_identifier: str = "nnUNetPlans", overwrite: bool = False,
+                          max_stages: int | None = None) -> dict:
     """Add the configuration ``name`` to the dataset's plans file and return its resolved settings.
 
     ``in_plane_spacing`` (mm) and ``patch_size`` take one value for both in-plane axes or two (in the
@@ -171,7 +197,7 @@ def add_cpu_configuration(dataset: int | str, in_plane_spacing: float | Sequence
     network cannot take.
     """
     plans_file, plans, _ = plan_cpu_configuration(dataset, in_plane_spacing, patch_size, batch_size, name,
-                                                  base_configuration, plans_identifier, overwrite)
+                                                  base_configuration, plans_identifier, overwrite, max_stages)
     tmp = plans_file.with_name(plans_file.name + ".tmp")
     tmp.write_text(json.dumps(plans, indent=4))
     os.replace(tmp, plans_file)  # a reader never sees a half-written plans file

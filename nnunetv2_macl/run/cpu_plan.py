@@ -29,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", type=int, nargs="+", default=list(DEFAULT_PATCH), metavar="N",
                    help=f"patch size, one value or two (default {DEFAULT_PATCH[0]} {DEFAULT_PATCH[1]})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"fixed batch size (default {DEFAULT_BATCH})")
+    p.add_argument("--max-stages", type=int, default=None,
+                   help="cap the network's depth (drops nnU-Net's deepest stages); for MACL with N = 2 decoder "
+                        "blocks the pretraining crop is 2 x 4 x the total stride, so a 128 patch wants 5 stages")
     p.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
     args = p.parse_args(argv)
     spacing = args.spacing[0] if len(args.spacing) == 1 else args.spacing
     patch = args.patch[0] if len(args.patch) == 1 else args.patch
     try:
         d = add_cpu_configuration(args.dataset, spacing, patch, args.batch_size, args.configuration, args.base,
-                                  args.plans, args.overwrite)
+                                  args.plans, args.overwrite, args.max_stages)
     except USER_ERRORS as e:
         text = " ".join(str(e).split()) or type(e).__name__
         print(f"macl_cpu_plan: error: {text}", file=sys.stderr, flush=True)
