@@ -3,6 +3,7 @@ gathered projections equals the single-process loss on the concatenated batch, a
 (after DDP's averaging over processes) equal the single-process gradients."""
 from __future__ import annotations
 
+import datetime
 import os
 import tempfile
 
@@ -33,7 +34,9 @@ def make_batch(seed: int = 0):
 
 def _in_process_group(rank: int, init_file: str, out_dir: str, body, *args) -> None:
     """Run ``body(rank, *args)`` in a gloo group of WORLD processes and save what it returns for rank."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a collective that one process never joins raises after the timeout instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.save(body(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -104,7 +107,7 @@ def _torchrun_pretraining(tiny_dataset, results, extra: list[str]):
     env = {**os.environ, "nnUNet_results": str(results), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", macl_pretrain,
                            "-d", str(tiny_dataset["id"]), "--device", "cpu", "--epochs", "2", "--batch-size", "4",
-                           "--num-workers", "0", *extra], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=900)
+                           "--num-workers", "0", *extra], capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     return Path(results) / tiny_dataset["name"] / "MACLPretrainer__nnUNetPlans__2d"
 
@@ -220,3 +223,34 @@ def test_two_processes_with_the_real_model_and_heads_equal_one_process():
 
     per_process = _run_model(global_batchnorm=False)
     assert not torch.allclose(per_process[0]["loss"], total.detach(), atol=1e-4)
+
+
+def _diagnostics_on_rank0_only(rank: int) -> dict:
+    from nnunetv2_macl.data.augmentation import make_spatial_transform
+    from nnunetv2_macl.training.diagnostics import embedding_diagnostics
+
+    torch.set_num_threads(1)
+    if rank != 0:  # as in MACLPretrainer.on_epoch_end: the other processes go on without diagnostics
+        return {}
+    macl = _tiny_macl(global_batchnorm=True)
+    images, _, _, positions = _model_batch()
+    return embedding_diagnostics(macl, MultiLevelContrastiveLoss(), images[:N_PER_RANK], positions[:N_PER_RANK],
+                                 None, make_spatial_transform("var"), seed=3)
+
+
+def test_diagnostics_on_the_main_process_alone_use_its_own_batch():
+    """Under a process group with global BatchNorm in the heads, the per-epoch diagnostics run on rank 0
+    only. They must not enter a collective the other process never joins (that hung torchrun runs after
+    their first epoch) and must equal the same diagnostics in one process with plain BatchNorm."""
+    from nnunetv2_macl.data.augmentation import make_spatial_transform
+    from nnunetv2_macl.training.diagnostics import embedding_diagnostics
+
+    images, _, _, positions = _model_batch()
+    reference = embedding_diagnostics(_tiny_macl(global_batchnorm=False), MultiLevelContrastiveLoss(),
+                                      images[:N_PER_RANK], positions[:N_PER_RANK], None,
+                                      make_spatial_transform("var"), seed=3)
+    results = _spawn(_diagnostics_on_rank0_only)
+    assert results[1] == {}
+    assert set(results[0]) == set(reference)
+    for k, v in reference.items():
+        assert results[0][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k

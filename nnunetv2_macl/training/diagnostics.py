@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_macl.losses.equivariance import equivariance_loss
+from nnunetv2_macl.training.distributed import process_local_statistics
 
 COLLAPSE_MARGIN = 0.02  # an epoch whose Lg is within 2 % of chance is reported as collapsed
 
@@ -69,14 +70,18 @@ def batch_statistics_without_update(module: torch.nn.Module) -> Iterator[None]:
     Evaluation mode would use the running statistics instead, which are 0/1 at initialisation: the
     image-level head is then nearly the identity without its centring, and a diagnostic at
     initialisation would not mean what it means after training (on one batch of 16 slices at init,
-    eval mode gave projection cosine 0.976, train mode 0.331)."""
+    eval mode gave projection cosine 0.976, train mode 0.331).
+
+    The statistics are this process's batch's, also under torchrun with global BatchNorm: diagnostics run
+    on the main process alone, and a global reduction would wait for processes that never call it."""
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
              for m in norms]
     was_training = module.training
     module.train()
     try:
-        yield
+        with process_local_statistics(module):
+            yield
     finally:
         module.train(was_training)
         for m, state in zip(norms, saved):

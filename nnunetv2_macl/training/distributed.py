@@ -2,6 +2,9 @@
 the global batch (as SimCLR's large-batch training does), not only from each GPU's share."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -59,11 +62,16 @@ class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
     GPUs only; this one runs on any backend (gloo included). The statistics are reduced with a
     differentiable all_reduce, so gradients flow through them as in a single-process batch. Same
     parameters and buffers as BatchNorm1d: checkpoints load either way. Without an initialised process
-    group, or in eval mode, it is plain BatchNorm1d.
+    group, in eval mode, or inside :func:`process_local_statistics`, it is plain BatchNorm1d.
     """
 
+    # set by process_local_statistics: a forward pass that only this process runs (a diagnostic batch on
+    # the main process) must not wait in an all_reduce for processes that never enter it
+    process_local = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if (not self.training or self.process_local or not (dist.is_available() and dist.is_initialized())
+                or dist.get_world_size() == 1):
             return super().forward(x)
         if x.ndim != 2:
             raise ValueError(f"GlobalBatchNorm1d expects (N, C), got {tuple(x.shape)}")
@@ -102,3 +110,19 @@ def use_global_batchnorm(module: torch.nn.Module) -> int:
                 setattr(parent, name, new)
                 replaced += 1
     return replaced
+
+
+@contextlib.contextmanager
+def process_local_statistics(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every :class:`GlobalBatchNorm1d` of ``module`` normalises with this process's own
+    batch, with no collective call: for forward passes that not every process runs (the per-epoch
+    diagnostics run on the main process only, and a global reduction there would wait forever)."""
+    norms = [m for m in module.modules() if isinstance(m, GlobalBatchNorm1d)]
+    saved = [m.process_local for m in norms]
+    for m in norms:
+        m.process_local = True
+    try:
+        yield
+    finally:
+        for m, value in zip(norms, saved):
+            m.process_local = value
