@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +76,9 @@ def own_data_run(tmp_path_factory):
     write_dicom_series(_scan(1, 4), scans / "patient4_dicom")
     (scans / "README.txt").write_text("not an image")
 
-    env = {**os.environ, **paths, "OMP_WAIT_POLICY": "PASSIVE", "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2"}
-    # eval "$(macl_trainer_path)", as the README says
-    export_line = os.popen(shlex.quote(find_executable("macl_trainer_path"))).read().strip()
-    m = re.fullmatch(r"export nnUNet_extTrainer=(.+)", export_line)
-    assert m, export_line
-    env["nnUNet_extTrainer"] = shlex.split(m.group(1))[0]
+    # no nnUNet_extTrainer: the installed startup hook makes the trainers visible, as the README says
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "MACL_REGISTER_TRAINERS")}
+    env.update({**paths, "OMP_WAIT_POLICY": "PASSIVE", "nnUNet_def_n_proc": "2", "nnUNet_n_proc_DA": "2"})
 
     # the team's labeled cases in nnU-Net raw format (5: nnU-Net's 5-fold split), and new scans to segment
     make_synthetic_dataset(paths["nnUNet_raw"], LABELED_ID, LABELED_NAME, num_cases=5, shape=SHAPE, seed=2,
@@ -156,5 +152,5 @@ def test_readme_shows_these_commands():
     wanted = [cmd[0] for cmd in own_data_commands(Path("scans"), Path("new_scans"), Path("predictions"))]
     assert [t for t in tools if t != "macl_trainer_path"] == wanted, tools
     for flag in ("-tr nnUNetTrainerMACL", "MACL_PRETRAINED=", "-sp nnUNetPlans -tp nnUNetPlans", "--no_pp",
-                 "-plans_name nnUNetPlans", 'eval "$(macl_trainer_path)"', "--modality"):
+                 "-plans_name nnUNetPlans", "--modality"):
         assert flag in code, flag

@@ -1,7 +1,9 @@
 """``macl_trainer_path``: make the MACL trainers visible to stock ``nnUNetv2_train`` / ``nnUNetv2_predict``.
 
-nnU-Net 2.8 looks for trainer classes it does not ship in the folders listed in the environment
-variable ``nnUNet_extTrainer`` (``os.pathsep``-separated). Usage::
+The installed package already does this in every process (``nnunetv2_macl.startup_hook``); this
+command is for environments where that hook is switched off (``MACL_REGISTER_TRAINERS=0``) or not
+installed (the package on ``PYTHONPATH`` only). nnU-Net 2.8 looks for trainer classes it does not
+ship in the folders listed in ``nnUNet_extTrainer`` (``os.pathsep``-separated). Usage::
 
     eval "$(macl_trainer_path)"
     nnUNetv2_train DATASET 2d 0 -tr nnUNetTrainerMACL
@@ -16,20 +18,11 @@ import os
 import shlex
 import sys
 
+from nnunetv2_macl.startup_hook import TRAINERS_DIR, ext_trainer_value  # noqa: F401  (re-exported)
+
 
 def trainers_dir() -> str:
-    from nnunetv2_macl.trainers import TRAINERS_DIR
-
     return TRAINERS_DIR
-
-
-def ext_trainer_value(existing: str | None = None) -> str:
-    """The value ``nnUNet_extTrainer`` should have: ``existing`` with the trainers folder appended once."""
-    folder = trainers_dir()
-    parts = [p for p in (existing or "").split(os.pathsep) if p.strip()]
-    if not any(os.path.abspath(p) == folder for p in parts):
-        parts.append(folder)
-    return os.pathsep.join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

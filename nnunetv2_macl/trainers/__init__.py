@@ -1,4 +1,5 @@
-"""Folder that ``nnUNet_extTrainer`` points at (``eval "$(macl_trainer_path)"``).
+"""Folder that ``nnUNet_extTrainer`` points at (added by the installed startup hook,
+``nnunetv2_macl.startup_hook``, or by ``eval "$(macl_trainer_path)"``).
 
 nnU-Net imports the modules of this folder by file path as top-level modules; this ``__init__`` is
 not imported by that search and is kept free of imports so that ``import nnunetv2_macl.trainers``

@@ -1,8 +1,8 @@
 """nnU-Net trainers that fine-tune from a MACL pretraining checkpoint.
 
-Use through stock nnU-Net (after ``pip install``)::
+Use through stock nnU-Net (after ``pip install``, which makes this folder part of ``nnUNet_extTrainer``
+in every process: ``nnunetv2_macl.startup_hook``)::
 
-    eval "$(macl_trainer_path)"        # appends this folder to nnUNet_extTrainer
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL
     nnUNetv2_predict -i IN -o OUT -d DATASET -c 2d -f FOLD -tr nnUNetTrainerMACL
 
@@ -21,8 +21,12 @@ Which weights (first match wins; the README says the same):
 2. ``MACL_PRETRAINED=/path/to/checkpoint.pth`` (a dataset the pretraining did not see).
 3. The one ``checkpoint_final.pth`` of a pretraining of this dataset: in
    ``$nnUNet_results/<dataset>/MACLPretrainer__<plans>__<configuration>/``, or a multi-dataset
-   pretraining stored under another dataset that lists this one
-   (:func:`nnunetv2_macl.transfer.find_checkpoint.find_default_checkpoint`; clear errors for none/several).
+   pretraining stored under another dataset that lists this one.
+4. Else the one finished pretraining of any other dataset in ``nnUNet_results`` with the same plans name
+   and configuration whose network fits (input channels, network class): pretrain on a pool, fine-tune
+   on the labelled set. Several fitting ones are an error that lists them; nothing is trained.
+   (:func:`nnunetv2_macl.transfer.find_checkpoint.choose_default_checkpoint`.)
+One line at training start says which checkpoint was taken, why, and where the lookup looked.
 Resuming (``--c`` with an existing checkpoint) and ``--val`` load nnU-Net's own checkpoint instead:
 the resumed weights are kept and no pretrained weights are copied over them.
 
@@ -74,7 +78,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin
-from nnunetv2_macl.transfer.find_checkpoint import find_default_checkpoint
+from nnunetv2_macl.transfer.find_checkpoint import CheckpointChoice, choose_default_checkpoint
 from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
     PRETRAINED_REPORT_ATTR,
@@ -160,15 +164,18 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
     _macl_resumed = False
 
     # ---------------------------------------------------------------- which checkpoint
-    def macl_checkpoint_path(self) -> str:
-        """``MACL_PRETRAINED`` if set, else the default lookup for this dataset/plans/configuration."""
+    def macl_checkpoint_choice(self) -> CheckpointChoice:
+        """``MACL_PRETRAINED`` if set, else the default lookup (this dataset first, then the one pretraining
+        of another dataset whose network fits this training's input channels and network class)."""
         explicit = os.environ.get(MACL_PRETRAINED_ENV, "").strip()
         if explicit:
             if not os.path.isfile(explicit):
                 raise FileNotFoundError(f"{MACL_PRETRAINED_ENV}={explicit} does not exist or is not a file.")
-            return os.path.abspath(explicit)
-        return find_default_checkpoint(self.plans_manager.dataset_name, self.plans_manager.plans_name,
-                                       self.configuration_name)
+            return CheckpointChoice(os.path.abspath(explicit), f"{MACL_PRETRAINED_ENV} is set",
+                                    [f"{MACL_PRETRAINED_ENV} (the default lookup was not run)"])
+        return choose_default_checkpoint(self.plans_manager.dataset_name, self.plans_manager.plans_name,
+                                         self.configuration_name, input_channels=self.num_input_channels,
+                                         network_arch_class_name=self.configuration_manager.network_arch_class_name)
 
     def _macl_metadata_notes(self, meta: dict | None) -> list[str]:
         if not meta:
@@ -213,7 +220,9 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
             self.macl_transfer_report = report
             return report
 
-        path = self.macl_checkpoint_path()
+        choice = self.macl_checkpoint_choice()
+        self.print_to_log_file(choice.summary(), also_print_to_console=True)  # which, why, where: one line
+        path = choice.path
         checkpoint = load_weights_only(path)
         meta = checkpoint.get("macl") if isinstance(checkpoint.get("macl"), dict) else None
         report = transfer_pretrained_weights(self.network, checkpoint, min_fraction=self.macl_min_fraction,

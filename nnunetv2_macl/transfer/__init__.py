@@ -1,6 +1,11 @@
 """Pretrained checkpoint -> nnU-Net network: lenient, reported transfer; input channels, kernel sizes
 and depth adapted across plans."""
-from nnunetv2_macl.transfer.find_checkpoint import CheckpointNotFoundError, find_default_checkpoint
+from nnunetv2_macl.transfer.find_checkpoint import (
+    CheckpointChoice,
+    CheckpointNotFoundError,
+    choose_default_checkpoint,
+    find_default_checkpoint,
+)
 from nnunetv2_macl.transfer.load_pretrained import (
     IncompatibleCheckpointError,
     TransferReport,
@@ -10,6 +15,7 @@ from nnunetv2_macl.transfer.load_pretrained import (
 )
 
 __all__ = [
-    "CheckpointNotFoundError", "IncompatibleCheckpointError", "TransferReport", "find_default_checkpoint",
+    "CheckpointChoice", "CheckpointNotFoundError", "IncompatibleCheckpointError", "TransferReport",
+    "choose_default_checkpoint", "find_default_checkpoint",
     "load_weights_only", "safe_load_pretrained_weights", "transfer_pretrained_weights",
 ]
