@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from nnunetv2_macl.losses import masked_supcon_loss, position_positive_mask
+from nnunetv2_macl.losses import equivariance_loss, masked_supcon_loss, position_positive_mask
+from nnunetv2_macl.losses.dense_contrastive import content_cells
 from nnunetv2_macl.model.projectors import GlobalDescriptor
 from nnunetv2_macl.training.diagnostics import (
-    contrastive_chance, diagnostic_indices, is_collapsed, mean_pairwise_cosine)
+    contrastive_chance, diagnostic_indices, embedding_diagnostics, is_collapsed, mean_pairwise_cosine)
 
 from test_ablations import one_step
 
@@ -54,6 +55,25 @@ def test_chance_value_is_the_loss_of_identical_embeddings():
     assert contrastive_chance(32) == pytest.approx(math.log(31))
     assert is_collapsed(math.log(31) * 0.985, math.log(31)) and not is_collapsed(math.log(31) * 0.9, math.log(31))
     assert not is_collapsed(math.log(31) * 2, math.log(31))  # far above chance (e.g. at init): not that state
+
+
+def dense_chance_reference(cells: torch.Tensor, contrast: str) -> float:
+    """Ld of equal features (every similarity ties) from the content cells (N, S) alone: an anchor with k
+    tied terms in its denominator and a positive contributes log(k).
+
+    - "slices" (eq. 12): at a location with n valid slices, 2 n rows; each anchor has its other view as a
+      positive and 2 n - 1 terms; mean over the locations that have a valid slice;
+    - "locations": all valid rows of both branches, but an anchor leaves out itself and the same cell of the
+      other slices (both branches); mean over the valid anchors (no cell is drawn when all fit).
+    """
+    n, s = cells.shape
+    if contrast == "slices":
+        values = [math.log(2 * k - 1) for k in cells.sum(0).tolist() if k > 0]
+    else:
+        rows = 2 * int(cells.sum())
+        values = [math.log(rows - 1 - 2 * (int(cells[:, loc].sum()) - 1))
+                  for i in range(n) for loc in range(s) if cells[i, loc] for _ in range(2)]
+    return sum(values) / len(values)
 
 
 def test_mean_pairwise_cosine():
@@ -149,11 +169,44 @@ def test_diagnostics_use_the_batch_statistics_and_leave_the_run_untouched(tiny_d
     second = trainer.compute_diagnostics()
     for key in ("cos_projection", "Lg", "Ld", "LER"):
         assert second[key] == pytest.approx(first[key], rel=1e-5), key
-    # each objective next to its reference: Ld's chance is the loss of equal features, LER's the value of
-    # maps paired with another sample's
-    assert first["Ld_chance"] > 0 and first["LER_unpaired"] > 0
-    trainer.macl.eval()
+    # each objective next to its reference, each reference against its definition, computed here
     images, positions, content = trainer._diagnostic_batch
+    b = images.shape[0]
+    assert first["Lg_chance"] == pytest.approx(math.log(2 * b - 1), rel=1e-9)  # SupCon over 2B tied samples
+    with torch.no_grad():  # T_fix: the dense maps and bottlenecks of the batch itself (no BatchNorm on this path)
+        maps = trainer.macl(images, images, images, images, need=("dense", "equivariance"))
+    cells = content_cells(content, maps["dense_dominant"].shape[2:])
+    assert 0 < int(cells.sum()) < cells.numel()  # the diagnostic batch holds padded cells
+    assert first["Ld_chance"] == pytest.approx(dense_chance_reference(cells, "slices"), rel=1e-5)
+    # LER_unpaired: LER between each dominant map and another sample's auxiliary map (here without a content
+    # mask; how LER masks padding is tests/test_ler_padding.py's)
+    unmasked = embedding_diagnostics(trainer.macl, trainer.loss, images, positions, None, trainer.spatial_transform,
+                                     seed=trainer.config.seed)
+    y, y_tilde = maps["bottleneck_dominant"], maps["bottleneck_auxiliary"]
+    other = [(i - 1) % b for i in range(b)]
+    assert all(j != i for i, j in enumerate(other))
+    paired, unpaired = float(equivariance_loss(y, y_tilde)), float(equivariance_loss(y, y_tilde[other]))
+    assert unmasked["LER"] == pytest.approx(paired, rel=1e-5)
+    assert unmasked["LER_unpaired"] == pytest.approx(unpaired, rel=1e-5)
+    assert unmasked["Lg_chance"] == first["Lg_chance"]
+    trainer.macl.eval()
     with torch.no_grad():
         out = trainer.macl(images, images, images, images, need=("global",))
     assert mean_pairwise_cosine(out["global_auxiliary"]) != pytest.approx(first["cos_projection"], abs=1e-3)
+
+
+def test_dense_chance_follows_the_contrast_and_the_padding(tiny_dataset, tmp_path):
+    """With --dense-contrast locations, Ld's chance value is that of the locations contrast on the content
+    cells (each anchor ties with every other valid row but the same cell of the other slices), not eq. 12's
+    log(2B - 1)."""
+    trainer, _, _ = one_step(tiny_dataset, tmp_path, dense_contrast="locations")
+    d = trainer.compute_diagnostics()
+    images, _, content = trainer._diagnostic_batch
+    with torch.no_grad():
+        grid = trainer.macl(images, images, images, images, need=("dense",))["dense_dominant"].shape[2:]
+    cells = content_cells(content, grid)
+    assert cells.shape[1] <= trainer.config.dense_locations  # every cell enters: nothing drawn
+    expected = dense_chance_reference(cells, "locations")
+    assert d["Ld_chance"] == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(dense_chance_reference(cells, "slices"), rel=1e-3)
+    assert d["Lg_chance"] == pytest.approx(math.log(2 * images.shape[0] - 1), rel=1e-9)

@@ -174,12 +174,20 @@ def test_same_seed_gives_identical_random_init(tiny_dataset):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def finite(value, where=None) -> float:
+    """``value`` as a float, failing when it is missing (None / JSON null) or not finite."""
+    assert isinstance(value, (int, float)) and not isinstance(value, bool), (where, value)
+    assert math.isfinite(value), (where, value)
+    return float(value)
+
+
 def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
     cases = _cases(tiny_dataset)
     out = tmp_path / "diag"
     iters = 12
+    # probe lr 5e-2 x 40 steps: enough for the random network's last stage to score (~0.3 Dice), in ~1 s
     result = dd.run_diagnosis(str(flat_decoder_checkpoint), str(tiny_dataset["preprocessed"]), cases[:3], cases[3:6],
-                              str(out), seed=1, max_val_slices=24, probe_iters=20, probe_batch=8,
+                              str(out), seed=1, max_val_slices=24, probe_iters=40, probe_lr=5e-2, probe_batch=8,
                               finetune_iters=iters, finetune_batch=4, say=lambda *_: None)
     for f in ("decoder_diagnosis.json", "decoder_diagnosis.md", "decoder_diagnosis_finetune.png"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
@@ -193,18 +201,32 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
     rnd = saved["variance"]["random"]["full_resolution"]
     assert pre["decoder.stages.1"]["dead_channels"] == pre["decoder.stages.1"]["channels"]
     assert rnd["decoder.stages.1"]["dead_channels"] == 0
-    assert 0 < rnd["decoder.stages.1"]["spatial_fraction"] <= 1
-    for s in saved["stages"]:
-        assert pre[s]["num_slices"] == rnd[s]["num_slices"] == 24
+    assert 0 < finite(rnd["decoder.stages.1"]["spatial_fraction"]) <= 1
+    # no live channel on the zeroed stage: its fractions are undefined (null), not a number; every other
+    # stage of both networks, and that stage at random init, has them all
+    assert pre["decoder.stages.1"]["spatial_fraction"] is None and pre["decoder.stages.1"]["position_share"] is None
+    for name, net in (("pretrained", pre), ("random", rnd)):
+        for s in saved["stages"]:
+            assert net[s]["num_slices"] == 24
+            if name == "pretrained" and s == "decoder.stages.1":
+                continue
+            for key in ("spatial_fraction", "position_share", "mean_total_variance"):
+                finite(net[s][key], (name, s, key))
+            assert 0 <= net[s]["spatial_fraction"] <= 1 and 0 <= net[s]["position_share"] <= 1 + 1e-9
     dom = saved["variance"]["pretrained"]["dominant_branch"]
     assert set(dom) == {f"encoder.stages.{n_enc - 1}", "decoder.stages.0", "decoder.stages.1"}
 
     # (b) a probe for every stage of both networks; on the constant stage it cannot beat the random features
     probe = saved["probe"]
     assert set(probe["pretrained"]) == set(probe["random"]) == set(saved["stages"])
-    assert probe["pretrained"]["decoder.stages.1"]["num_volumes"] == 3
-    flat, rand = probe["pretrained"]["decoder.stages.1"]["mean_dice"], probe["random"]["decoder.stages.1"]["mean_dice"]
-    assert (flat or 0.0) < (rand or 0.0) + 1e-6, (flat, rand)
+    for name in ("pretrained", "random"):
+        for s in saved["stages"]:
+            assert probe[name][s]["num_volumes"] == 3
+            assert 0 <= finite(probe[name][s]["mean_dice"], (name, s)) <= 1
+    flat = finite(probe["pretrained"]["decoder.stages.1"]["mean_dice"])
+    rand = finite(probe["random"]["decoder.stages.1"]["mean_dice"])
+    # one constant per channel: at best one class everywhere, far below the random features' probe
+    assert rand > flat + 0.1, (flat, rand)
 
     # (c) K finite losses and a gradient norm per group and iteration for every start
     ft = saved["finetune"]
@@ -215,14 +237,21 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
         assert len(log["loss"]) == iters and all(math.isfinite(v) for v in log["loss"]), start
         assert list(log["grad_norm"]) == groups
         for g in groups:
-            assert len(log["grad_norm"][g]) == iters and all(v is not None and v >= 0 for v in log["grad_norm"][g])
-        assert len(log["windows_of_10"]["loss"]) == 2
+            assert len(log["grad_norm"][g]) == iters, (start, g)
+            assert all(finite(v, (start, g)) >= 0 for v in log["grad_norm"][g])
+        assert len(log["windows_of_10"]["loss"]) == 2 and all(finite(v, start) for v in log["windows_of_10"]["loss"])
     assert ft["scratch"]["transferred_groups"] == []
     assert not any(g.startswith("decoder") for g in ft["encoder"]["transferred_groups"])
     assert {"decoder.stages.0", "decoder.stages.1"} <= set(ft["pretrained"]["transferred_groups"])
-    # identical data and init apart from the transfer: different starts, different first losses
-    assert ft["scratch"]["loss"][0] != ft["encoder"]["loss"][0] != ft["pretrained"]["loss"][0]
+    # identical data and init apart from the transfer: different starts, different first losses, pair by pair
+    first = {start: finite(log["loss"][0], start) for start, log in ft.items()}
+    assert first["scratch"] != pytest.approx(first["encoder"], rel=1e-6)
+    assert first["encoder"] != pytest.approx(first["pretrained"], rel=1e-6)
+    assert first["scratch"] != pytest.approx(first["pretrained"], rel=1e-6)
     assert set(saved["finetune_validation"]) == {"scratch", "encoder", "pretrained"}
+    for start, val in saved["finetune_validation"].items():
+        assert val["num_volumes"] == 3, start
+        assert 0 <= finite(val["mean_dice"], start) <= 1
     md = (out / "decoder_diagnosis.md").read_text()
     assert "## Findings" in md and "(c) mean loss" in md
 

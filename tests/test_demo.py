@@ -216,3 +216,97 @@ def test_stage_line_on_a_terminal_and_in_a_log():
     text = tty.getvalue()
     assert "\r" in text and "epoch 2/2" in text and text.rstrip().endswith(text.rstrip().split("\r")[-1])
     assert "FAILED after" in text.split("\r")[-1] and text.endswith("\n")
+
+
+def _dice_by_hand(prediction, reference, label: int) -> float:
+    """2 TP / (2 TP + FP + FN) of one label; nan when it is in neither (nnU-Net's rule)."""
+    p, r = prediction == label, reference == label
+    tp, fp, fn = int((p & r).sum()), int((p & ~r).sum()), int((~p & r).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+
+
+def test_reported_dice_is_recomputed_from_the_exported_segmentations(tiny_demo):
+    """The Dice the demo reports (result, demo_result.json, the closing table) is that of the segmentations the
+    fine-tuned networks exported, recomputed here against the raw labels; each run reports its own."""
+    import math
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunetv2_macl.demo.synthetic import LABELS
+
+    result, paths = tiny_demo["result"], tiny_demo["result"]["paths"]
+    raw = Path(paths["raw_dataset"])
+    saved = json.loads(Path(paths["result_json"]).read_text())
+    names = {name: value for name, value in LABELS.items() if value > 0}
+    assert set(names) == {"organ_a", "organ_b"}
+    by_hand = {}
+    for key in ("macl", "scratch"):
+        per_class = {name: [] for name in names}
+        for case in result["validation_cases"]:
+            pred_img = sitk.ReadImage(str(Path(paths[f"{key}_model_folder"]) / "fold_0" / "validation" / case))
+            ref_img = sitk.ReadImage(str(raw / "labelsTr" / case))
+            pred, ref = sitk.GetArrayFromImage(pred_img), sitk.GetArrayFromImage(ref_img)
+            assert pred.shape == ref.shape == tuple(TINY["shape"]), (key, case)
+            assert pred_img.GetSpacing() == pytest.approx(ref_img.GetSpacing())
+            assert set(np.unique(pred).tolist()) <= set(LABELS.values()), (key, case)
+            assert all((ref == v).any() for v in names.values())  # every organ in every reference
+            for name, value in names.items():
+                per_class[name].append(_dice_by_hand(pred, ref, value))
+        classes = {name: float(np.nanmean(v)) for name, v in per_class.items()}
+        by_hand[key] = (float(np.mean(list(classes.values()))), classes)
+        fg, classes = by_hand[key]
+        assert math.isfinite(fg)
+        assert result[f"dice_{key}"] == pytest.approx(fg, abs=1e-9), key
+        assert saved[f"dice_{key}"] == pytest.approx(fg, abs=1e-9), key
+        for name in names:
+            assert result["per_class"][key][name] == pytest.approx(classes[name], abs=1e-9), (key, name)
+            assert saved["per_class"][key][name] == pytest.approx(classes[name], abs=1e-9), (key, name)
+
+    # the closing table prints each run's own numbers in its own row: foreground mean, organ_a, organ_b
+    lines = tiny_demo["console"].splitlines()
+    header = next(ln for ln in lines if "foreground mean" in ln)
+    assert header.split()[-2:] == ["organ_a", "organ_b"]
+    for key, row_name in (("macl", "MACL-pretrained (nnUNetTrainerMACL_demo)"),
+                          ("scratch", "scratch (nnUNetTrainerScratch_demo)")):
+        rows = [ln for ln in lines if ln.strip().startswith(row_name)]
+        assert len(rows) == 1, (row_name, tiny_demo["console"])
+        printed = [float(v) for v in rows[0].strip()[len(row_name):].split()]
+        fg, classes = by_hand[key]
+        assert printed == pytest.approx([fg, classes["organ_a"], classes["organ_b"]], abs=5e-5 + 1e-12), rows[0]
+
+
+def test_only_the_macl_run_starts_from_the_pretrained_encoder(tiny_demo):
+    """After a couple of fine-tuning iterations the MACL run's encoder is still the pretrained one (relative
+    distance ~1e-6 measured), the scratch run's is another random initialisation (~1): a demo that did not
+    transfer, or transferred into both runs, fails."""
+    import math
+
+    import torch
+
+    paths = tiny_demo["result"]["paths"]
+    pretrained = torch.load(paths["pretrained_checkpoint"], map_location="cpu", weights_only=False)["network_weights"]
+    keys = [k for k, v in pretrained.items() if k.startswith("encoder.") and v.is_floating_point()]
+    assert len(keys) > 10
+
+    def distance(model_folder: str) -> float:
+        weights = torch.load(Path(model_folder) / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                             weights_only=False)["network_weights"]
+        assert set(keys) <= set(weights)
+        moved = sum(float((weights[k].float() - pretrained[k].float()).square().sum()) for k in keys)
+        return math.sqrt(moved / sum(float(pretrained[k].float().square().sum()) for k in keys))
+
+    macl, scratch = distance(paths["macl_model_folder"]), distance(paths["scratch_model_folder"])
+    assert macl < 0.05 and scratch > 0.5, (macl, scratch)
+
+
+def test_figure_is_a_picture(tiny_demo):
+    """demo.png holds drawn panels, not an empty canvas: many distinct colours, and both dark and light pixels."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    picture = mpimg.imread(tiny_demo["result"]["paths"]["figure"])[..., :3]
+    colours = np.unique((picture.reshape(-1, 3) * 255).round().astype(np.uint8), axis=0)
+    assert len(colours) > 50
+    luminance = picture.mean(-1)
+    assert (luminance < 0.2).mean() > 0.001 and (luminance > 0.9).mean() > 0.2

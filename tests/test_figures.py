@@ -104,7 +104,7 @@ def test_pretraining_losses_with_chance_line():
 
 
 def test_slice_row_reads_nnunet_files_and_picks_the_fullest_slice(tmp_path):
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk  # a required dependency (setup.py): fail, not skip, without it
     image = np.random.default_rng(0).normal(size=(6, 12, 10)).astype(np.float32)
     ref = np.zeros((6, 12, 10), np.uint8)
     ref[2, 2:5, 2:5] = 1

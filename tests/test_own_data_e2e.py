@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-sitk = pytest.importorskip("SimpleITK")
+import SimpleITK as sitk  # a required dependency (setup.py): missing, this module must fail, not skip
 
 from nnunetv2_macl.demo.synthetic import LABELS, make_synthetic_dataset, synthesize_case  # noqa: E402
 from nnunetv2_macl.run.subprocess_steps import find_executable, run_quiet  # noqa: E402

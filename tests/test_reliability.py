@@ -25,6 +25,7 @@ import torch
 
 from nnunetv2_macl.run.pretrain import main
 from nnunetv2_macl.training.checkpoint import load_checkpoint
+from test_pretrain_length import RunStopped
 
 SMALL_FEATURES = [8, 16, 32, 64]
 OUT = "MACLPretrainer__nnUNetPlans__2d"
@@ -100,9 +101,16 @@ def no_tmp_files(folder: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def trained(nnunet_env, tiny_dataset):
-    """A 1-epoch pretraining of the small dataset; its checkpoint_latest.pth is copied by --c tests."""
+    """Epoch 1 of a 3-epoch pretraining of the small dataset (cut there, as a kill would); its
+    checkpoint_latest.pth is copied by --c tests, which continue its schedule (a finished run could
+    not be continued: its learning rate has reached 0)."""
+    from test_pretrain_length import stop_after
+
     ds = make_dataset(nnunet_env, tiny_dataset, 950)
-    assert main(args_for(ds, "--save-every", "1")) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        stop_after(mp, 1)
+        with pytest.raises(RunStopped):
+            main(args_for(ds, "--save-every", "1", epochs=3))
     ds["checkpoint"] = (ds["output"] / "checkpoint_latest.pth").read_bytes()
     assert load_checkpoint(str(ds["output"] / "checkpoint_latest.pth"))["macl"]["epoch"] == 1
     return ds
@@ -372,7 +380,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(nnunet_env, tiny_datase
         monkeypatch.setattr(torch, "save", save)
     else:
         monkeypatch.setattr(os, "replace", replace)
-    run_error(capsys, [*args_for(ds, "--save-every", "1", epochs=2), "--c"],
+    run_error(capsys, [*args_for(ds, "--save-every", "1", epochs=3), "--c"],
               f"Could not write checkpoint {latest} (No space left on device)",
               "the previous checkpoint_latest.pth is unchanged", "no partial file", before_training=False)
     assert state["calls"] == 1

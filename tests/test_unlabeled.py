@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-sitk = pytest.importorskip("SimpleITK")
+import SimpleITK as sitk  # a required dependency (setup.py): missing, this module must fail, not skip
 
 from nnunetv2_macl.data.prepare_unlabeled import (  # noqa: E402
     UnlabeledDataError, find_image_sources, prepare_unlabeled_dataset)

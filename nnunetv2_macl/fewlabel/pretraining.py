@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 
 # MACLConfig fields that do not shape the pretrained weights, left out of the fingerprint (every other
 # field, present or future, is in it). num_workers: the data stream is a function of (seed, epoch, index)
-# whatever the workers; save_every: checkpoint frequency only; amp / compile / channels_last: how the same
+# whatever the workers; save_every, keep_epochs: which checkpoints are written only; amp / compile / channels_last: how the same
 # computation runs on a device, like the device itself, which no fingerprint holds either (a measurement
 # may continue on another machine); global_negatives: multi-GPU only, the protocol pretrains in one process.
-NOT_SHAPING = ("num_workers", "save_every", "amp", "compile", "channels_last", "global_negatives")
+NOT_SHAPING = ("num_workers", "save_every", "keep_epochs", "amp", "compile", "channels_last", "global_negatives")
 
 # macl_pretrain options the protocol sets itself: --pretrain-extra may not override them (the caption,
 # the views and --resume rely on them); dest -> (option, what to do instead or why)

@@ -1,7 +1,7 @@
 """The asymmetric two-branch MACL structure around the network nnU-Net builds from its plans.
 
-MACL (Zeng et al., "Multi-level Asymmetric Contrastive Learning for Volumetric Medical Image
-Segmentation Pre-training", IEEE TMI 2024):
+MACL (Zeng et al., "Multi-level Asymmetric Contrastive Learning for Medical Image Segmentation
+Pre-training", IEEE JBHI 2026, doi:10.1109/JBHI.2026.3669549 / arXiv:2309.11876):
 
 * dominant branch  = down(lambda) -> encoder -> first N decoder stages (the decoder output is the
   pixel projection Z^l; g_ins on the decoder output gives Z^g);

@@ -1,5 +1,5 @@
-"""Projection heads of MACL (Zeng et al., "Multi-level Asymmetric Contrastive Learning for
-Volumetric Medical Image Segmentation Pre-training", IEEE TMI 2024 / arXiv:2309.11876).
+"""Projection heads of MACL (Zeng et al., "Multi-level Asymmetric Contrastive Learning for Medical
+Image Segmentation Pre-training", IEEE JBHI 2026, doi:10.1109/JBHI.2026.3669549 / arXiv:2309.11876).
 
 Shapes are documented per head; 2-D and 3-D convolutions are chosen from the network's conv op.
 

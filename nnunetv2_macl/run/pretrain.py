@@ -212,6 +212,16 @@ def _floats(text: str, n: int | None = None) -> tuple[float, ...]:
     return values
 
 
+def _epoch_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epoch numbers, got {text!r}")
+    return values
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse's usage errors as one line (``macl_pretrain: error: ...``), exit code 2 as usual."""
 
@@ -282,7 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--crop-size", type=lambda s: tuple(int(v) for v in s.split(",")), default=None,
                    help="crop per axis, e.g. 64,64 (default: the plan's patch size made divisible)")
     o.add_argument("--patches-per-case", type=int, default=d.patches_per_case, help="3-D configurations")
-    o.add_argument("--save-every", type=int, default=d.save_every, help="write checkpoint_latest.pth every K epochs")
+    o.add_argument("--save-every", type=int, default=d.save_every,
+                   help="write checkpoint_latest.pth every K epochs (what --c resumes from; 1 for runs that span "
+                        "sessions)")
+    o.add_argument("--keep-epochs", type=_epoch_list, default=d.keep_epochs, metavar="E1,E2,...",
+                   help="also keep the full checkpoint of these epochs (checkpoint_epoch_<E>.pth), each loadable "
+                        "with MACL_PRETRAINED; the learning-rate schedule still spans all --epochs")
     o.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     o.add_argument("--compile", action="store_true", help="torch.compile the model")
     o.add_argument("--channels-last", action="store_true")
@@ -302,7 +317,7 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,
         patches_per_case=args.patches_per_case, sampling=args.sampling, seed=args.seed, num_workers=args.num_workers,
-        save_every=args.save_every, amp=not args.no_amp, compile=args.compile, channels_last=args.channels_last,
+        save_every=args.save_every, keep_epochs=tuple(args.keep_epochs), amp=not args.no_amp, compile=args.compile, channels_last=args.channels_last,
         global_negatives=not args.per_gpu_negatives)
 
 

@@ -155,8 +155,10 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
 
     #: ``encoder`` (the decoder keeps nnU-Net's initialisation) or ``pretrained`` (the encoder and the
     #: pretrained decoder stages, as the paper; variant ``nnUNetTrainerMACL_paperTransfer``). Encoder only is
-    #: the default by measurement: the pretrained decoder stages slowed fine-tuning by about 10 Dice points on
-    #: Hippocampus at 1,000 iterations, with 2 or 8 pretraining epochs (docs/RESULTS.md, issue #11).
+    #: the default by measurement: on Hippocampus at 1,000 iterations the pretrained decoder stages left
+    #: fine-tuning about 20 Dice points below scratch with version 0.2.0 (M = 4, 8 pretraining epochs, two
+    #: folds: -20.04, sd 0.48, still climbing), and about 10 points below before 0.2.0, with 2 or 8
+    #: pretraining epochs (docs/RESULTS.md, "After the review fixes (version 0.2.0, issue 19)"; issue #11).
     macl_transfer_scope = "encoder"
 
     # the report of the transfer done at training start (None before, or when weights came otherwise)

@@ -51,6 +51,7 @@ class MACLConfig:
     seed: int = 12345
     num_workers: int = 2
     save_every: int = 5
+    keep_epochs: tuple[int, ...] = ()  # epochs whose full checkpoint is kept (checkpoint_epoch_<E>.pth)
     amp: bool = True  # bf16/fp16 autocast on CUDA; ignored on CPU
     compile: bool = False
     channels_last: bool = False
@@ -118,5 +119,8 @@ def validate(cfg: MACLConfig) -> None:
         raise ConfigError(f"--sampling must be 'proportional' or 'balanced', got {cfg.sampling!r}")
     if cfg.save_every < 1:
         raise ConfigError(f"--save-every must be >= 1, got {cfg.save_every}")
+    bad_keep = [e for e in cfg.keep_epochs if not 1 <= int(e) <= cfg.epochs]
+    if bad_keep:
+        raise ConfigError(f"--keep-epochs must list epochs between 1 and --epochs ({cfg.epochs}), got {bad_keep}")
     if cfg.two_stage and cfg.epochs < 2:
         raise ConfigError("--two-stage needs at least 2 epochs (half per stage)")

@@ -31,6 +31,7 @@ from nnunetv2_macl.model.macl_network import (
 from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
 from nnunetv2_macl.training.config import ConfigError, MACLConfig, resolve_method
 from nnunetv2_macl.training.distributed import use_global_batchnorm
+from nnunetv2_macl.training.lr_schedule import CosineSchedule
 from nnunetv2_macl.training.diagnostics import (
     contrastive_chance, diagnostic_indices, embedding_diagnostics, format_diagnostics, is_collapsed)
 from nnunetv2_macl.training.progress import plot_progress
@@ -41,6 +42,11 @@ PRETRAINER_NAME = "MACLPretrainer"
 # per-epoch values in self.logging (and the checkpoint): losses, lr, time, and the collapse diagnostics
 LOGGED_KEYS = ("epoch", "Lg", "Ld", "LER", "total", "lr", "epoch_time", "Lg_chance", "cos_descriptor",
                "cos_projection", "bottleneck_abs")
+
+
+def kept_checkpoint_name(epoch: int) -> str:
+    """``--keep-epochs``: the file that keeps the checkpoint written after ``epoch`` epochs."""
+    return f"checkpoint_epoch_{int(epoch)}.pth"
 
 
 def output_folder_name(plans_identifier: str, configuration: str) -> str:
@@ -303,10 +309,11 @@ class MACLPretrainer:
         params = [p for p in self.macl.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         # cosine decay per iteration (paper) over the whole run: a resumed run (same --epochs) continues
-        # the same curve, since the scheduler's step count is restored from the checkpoint
-        total = max(1, cfg.epochs * self.iterations_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda it: 0.5 * (1 + math.cos(math.pi * min(it, total) / total)))
+        # the same curve, since the scheduler's step count is restored from the checkpoint; another
+        # --epochs extends it honestly (load_checkpoint, lr_schedule.py). The lambda only delegates:
+        # LambdaLR would pickle a callable object's attributes into its state_dict.
+        self.lr_schedule = CosineSchedule.single(cfg.epochs * self.iterations_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: self.lr_schedule(it))
         return optimizer, scheduler
 
     # -- stages / switches --------------------------------------------------------------------
@@ -499,6 +506,8 @@ class MACLPretrainer:
             plot_progress(self.logging, os.path.join(self.output_folder, "progress.png"))
             if self.current_epoch % self.config.save_every == 0 and self.current_epoch < self.config.epochs:
                 self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+            if self.current_epoch in self.config.keep_epochs:  # a point on the pretraining-length curve
+                self.save_checkpoint(os.path.join(self.output_folder, kept_checkpoint_name(self.current_epoch)))
 
     def on_train_end(self) -> None:
         if self.is_main:
@@ -583,6 +592,7 @@ class MACLPretrainer:
             "method": cfg.method,
             "epochs": int(cfg.epochs),
             "epoch": int(self.current_epoch),
+            "lr_schedule": self.lr_schedule.to_list(),  # [start, end, start factor] cosine segments
             "package_version": nnunetv2_macl.__version__,
             "config": cfg.to_dict(),
             "datasets": self.source_summary(),
@@ -687,9 +697,37 @@ class MACLPretrainer:
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise CheckpointError(f"{prefix} its resume state does not fit ({type(e).__name__}: {first[:300]})") \
                 from None
+        self.resume_schedule(meta, path)
         logged = ckpt.get("logging") or {}
         n_epochs = len(logged.get("epoch", []))
         # checkpoints of older versions lack the diagnostic keys: those epochs read as nan
         self.logging = {k: list(logged.get(k, [float("nan")] * n_epochs)) for k in LOGGED_KEYS}
         self.current_epoch = int(meta["epoch"])
         self.print_to_log_file(f"Resumed from {path} at epoch {self.current_epoch}")
+
+    def resume_schedule(self, meta: dict, path: str) -> None:
+        """After a resume: keep the checkpoint's learning-rate schedule, or extend it to this run's ``--epochs``.
+
+        The same ``--epochs`` continues the stored curve. Another ``--epochs`` adds a cosine segment from
+        the learning rate reached to 0 at the new end (never a jump back up), and says so; a run whose
+        learning rate has reached 0 is refused (:class:`ConfigError`).
+        """
+        done = int(self.lr_scheduler.last_epoch)
+        old_epochs = int(meta.get("epochs") or self.config.epochs)
+        stored = meta.get("lr_schedule")
+        # checkpoints before 0.3 stored no schedule: theirs was one cosine over their --epochs
+        schedule = (CosineSchedule.from_list(stored) if stored
+                    else CosineSchedule.single(old_epochs * self.iterations_per_epoch))
+        new_end = max(1, self.config.epochs * self.iterations_per_epoch)
+        if new_end != schedule.end and self.config.two_stage:
+            raise ConfigError(f"Cannot resume {path} with --epochs {self.config.epochs}: it was a {old_epochs}-epoch "
+                              f"--two-stage run, whose stages are halves of its epochs")
+        extended = schedule.extended(done, new_end, run=f"{path} ({old_epochs}-epoch schedule)")
+        if extended is not schedule:
+            verb = "Extending" if self.config.epochs > old_epochs else "Shortening"
+            self.print_to_log_file(
+                f"{verb} the pretraining from {old_epochs} to {self.config.epochs} epochs: the learning rate "
+                f"continues from {extended(done) * self.config.lr:.5f} (it does not rise) and decays to 0 at epoch "
+                f"{self.config.epochs}. This is not the schedule of a {self.config.epochs}-epoch run; the checkpoint "
+                f"records it (macl.lr_schedule: {extended.describe()})")
+        self.lr_schedule = extended

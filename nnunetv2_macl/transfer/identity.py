@@ -16,8 +16,9 @@ CHECKPOINT_FORMAT = "nnunetv2_macl.pretraining"
 CHECKPOINT_FORMAT_VERSION = 2
 
 CITATION = (
-    "Zeng, S. et al., \"Multi-level Asymmetric Contrastive Learning for Volumetric Medical Image Segmentation "
-    "Pre-training\", IEEE Transactions on Medical Imaging, 2024 (arXiv:2309.11876)",
+    "Zeng, S. et al., \"Multi-level Asymmetric Contrastive Learning for Medical Image Segmentation "
+    "Pre-training\", IEEE Journal of Biomedical and Health Informatics, 2026, doi:10.1109/JBHI.2026.3669549 "
+    "(arXiv:2309.11876)",
     "Zeng, D. et al., \"Positional Contrastive Learning for Volumetric Medical Image Segmentation\", "
     "MICCAI 2021",
 )
