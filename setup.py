@@ -29,7 +29,7 @@ class BuildPyWithTrainersPth(build_py):
 
 setup(
     name="nnunetv2-macl",
-    version="0.2.0",
+    version="0.3.0",
     description="MACL self-supervised pretraining for nnU-Net v2 (multi-level asymmetric contrastive learning)",
     long_description=open("README.md").read() if __import__("os").path.isfile("README.md") else "",
     long_description_content_type="text/markdown",

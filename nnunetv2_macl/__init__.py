@@ -1,2 +1,2 @@
 """MACL (multi-level asymmetric contrastive learning) pretraining for nnU-Net v2."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -152,8 +152,9 @@ def test_progress_plot_draws_the_chance_line():
 def test_diagnostics_use_the_batch_statistics_and_leave_the_run_untouched(tiny_dataset, tmp_path):
     """Diagnostics run the heads as a training step does (BatchNorm on the batch's statistics), so they
     mean the same at initialisation, where the running statistics are 0/1, and after training. They
-    neither update the running statistics nor consume the run's random numbers."""
-    trainer, _, _ = one_step(tiny_dataset, tmp_path)
+    neither update the running statistics nor consume the run's random numbers. LER over every cell: the
+    tiny slices leave no bottleneck cell mostly image (LER n/a with the content mask, tests/test_ler_padding.py)."""
+    trainer, _, _ = one_step(tiny_dataset, tmp_path, ler_content_mask=False)
     norms = [m for m in trainer.macl.modules() if isinstance(m, nn.BatchNorm1d)]
     assert norms
     buffers = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
@@ -180,6 +181,7 @@ def test_diagnostics_use_the_batch_statistics_and_leave_the_run_untouched(tiny_d
     assert first["Ld_chance"] == pytest.approx(dense_chance_reference(cells, "slices"), rel=1e-5)
     # LER_unpaired: LER between each dominant map and another sample's auxiliary map (here without a content
     # mask; how LER masks padding is tests/test_ler_padding.py's)
+    assert first["LER_samples"] == 1.0
     unmasked = embedding_diagnostics(trainer.macl, trainer.loss, images, positions, None, trainer.spatial_transform,
                                      seed=trainer.config.seed)
     y, y_tilde = maps["bottleneck_dominant"], maps["bottleneck_auxiliary"]

@@ -40,6 +40,8 @@ class MultiLevelContrastiveLoss(nn.Module):
         dense_form: "supcon" (eq. 12), "mse" or "byol" (Table VII).
         dense_contrast, dense_locations, dense_slice_positives: the dense SupCon's contrast ("slices",
             eq. 12, or "locations") and its options (:func:`dense_contrastive_loss`).
+        ler_content_mask: LER over the content cells of its dominant bottleneck only (default), or over
+            every cell, padding included (False: the paper's loss, whose crops have no padding).
 
     Forward:
         outputs: dict with "global_dominant", "global_auxiliary" (N, C);
@@ -47,8 +49,9 @@ class MultiLevelContrastiveLoss(nn.Module):
             "bottleneck_dominant" (N, C, *s), "bottleneck_auxiliary" (N, C, *S).
             Keys of switched-off components may be absent.
         positions: (N,) or (N, D) normalised positions (may be None with positives="instance").
-        content: optional (N, 1, *crop) content mask of the input (1 image, 0 padding); Ld leaves
-            out the cells that are mostly padding.
+        content: optional (N, 1, *crop) content mask of the input (1 image, 0 padding); Ld and LER
+            (with ``ler_content_mask``) leave out the cells that are mostly padding (the same rule, each on its own grid: Ld's dense
+            map, LER's dominant bottleneck, :func:`~nnunetv2_macl.losses.dense_contrastive.content_cells`).
 
     Returns:
         (total, {"Lg", "Ld", "LER"}): total is a float32 scalar with graph; the dict holds the
@@ -66,6 +69,7 @@ class MultiLevelContrastiveLoss(nn.Module):
         dense_contrast: str = "slices",
         dense_locations: int = 64,
         dense_slice_positives: bool = False,
+        ler_content_mask: bool = True,
     ) -> None:
         super().__init__()
         weights = tuple(float(w) for w in weights)
@@ -89,6 +93,7 @@ class MultiLevelContrastiveLoss(nn.Module):
         self.dense_contrast = dense_contrast
         self.dense_locations = int(dense_locations)
         self.dense_slice_positives = bool(dense_slice_positives)
+        self.ler_content_mask = bool(ler_content_mask)
 
     def global_loss(self, z_dominant: Tensor, z_auxiliary: Tensor, positions: Tensor | None) -> Tensor:
         """Lg alone, with this loss's settings (also used by the collapse diagnostics)."""
@@ -100,6 +105,10 @@ class MultiLevelContrastiveLoss(nn.Module):
         return dense_contrastive_loss(z, z_tilde, positions, self.threshold, self.tau, self.dense_form, self.positives,
                                       self.base_temperature, content, self.dense_contrast, self.dense_locations,
                                       self.dense_slice_positives)
+
+    def ler_content(self, content: Tensor | None) -> Tensor | None:
+        """The content mask LER uses: the input's (cells mostly padding left out), or None (every cell)."""
+        return content if self.ler_content_mask else None
 
     def _pair(self, outputs: Mapping[str, Tensor], name: str) -> tuple[Tensor, Tensor]:
         index, keys = _COMPONENTS[name]
@@ -122,7 +131,7 @@ class MultiLevelContrastiveLoss(nn.Module):
             components["Ld"] = self.dense_loss(z, z_tilde, positions, content)
         if self.weights[2] > 0:
             y, y_tilde = self._pair(outputs, "LER")
-            components["LER"] = equivariance_loss(y, y_tilde)
+            components["LER"] = equivariance_loss(y, y_tilde, self.ler_content(content))
 
         total = sum(self.weights[_COMPONENTS[name][0]] * value for name, value in components.items())
         device = total.device
@@ -137,5 +146,6 @@ class MultiLevelContrastiveLoss(nn.Module):
             f"weights={self.weights}, threshold={self.threshold}, tau={self.tau}, "
             f"positives={self.positives!r}, dense_form={self.dense_form!r}, "
             f"base_temperature={self.base_temperature}, dense_contrast={self.dense_contrast!r}, "
-            f"dense_locations={self.dense_locations}, dense_slice_positives={self.dense_slice_positives}"
+            f"dense_locations={self.dense_locations}, dense_slice_positives={self.dense_slice_positives}, "
+            f"ler_content_mask={self.ler_content_mask}"
         )

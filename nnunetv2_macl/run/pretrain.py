@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense-head", action="store_true",
                    help="a pixel projection head on the dominant decoder output (the paper contrasts the decoder "
                         "output itself)")
+    g.add_argument("--ler-all-cells", action="store_true",
+                   help="LER over every bottleneck cell, padding included (the paper's loss, whose crops have no "
+                        "padding; before 0.3). Default: the cells that are mostly padding are left out, as in Ld")
     g.add_argument("--encoder", dest="encoder_mode", default=d.encoder_mode,
                    choices=["shared", "independent", "ema"], help="auxiliary-branch encoder")
     g.add_argument("--two-stage", action="store_true", help="Lg on the encoder first, then Ld with it frozen")
@@ -312,7 +315,7 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         tau=args.tau, base_temperature=args.base_temperature, decoder_blocks=args.decoder_blocks,
         loss_weights=tuple(args.lambdas), dense_form=args.dense_form, dense_contrast=args.dense_contrast,
         dense_locations=args.dense_locations, dense_slice_positives=args.dense_slice_positives,
-        dense_head=args.dense_head, encoder_mode=args.encoder_mode,
+        dense_head=args.dense_head, ler_content_mask=not args.ler_all_cells, encoder_mode=args.encoder_mode,
         two_stage=args.two_stage, global_through_decoder=not args.global_on_encoder,
         global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,

@@ -34,6 +34,7 @@ class MACLConfig:
     dense_locations: int = 64  # cells sampled per step by dense_contrast="locations"
     dense_slice_positives: bool = False  # "locations": the same cell of nearby slices is positive too
     dense_head: bool = False  # a pixel projector on the dominant decoder output (the paper has none)
+    ler_content_mask: bool = True  # LER over the bottleneck cells that are content (Ld's rule); False: all
     positives: str = "position"  # "instance" = SimCLR positives (other view only)
     encoder_mode: str = "shared"
     ema_momentum: float = 0.99

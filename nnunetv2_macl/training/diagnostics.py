@@ -15,6 +15,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from nnunetv2_macl.losses.dense_contrastive import content_cells
 from nnunetv2_macl.losses.equivariance import equivariance_loss
 from nnunetv2_macl.training.distributed import process_local_statistics
 
@@ -89,6 +90,33 @@ def batch_statistics_without_update(module: torch.nn.Module) -> Iterator[None]:
                 getattr(m, k).copy_(v)
 
 
+def ler_references(y: torch.Tensor, y_tilde: torch.Tensor, content: torch.Tensor | None) -> tuple[float, float]:
+    """(LER, LER_unpaired) on one batch: LER as the loss computes it, and LER between each dominant map
+    and the auxiliary map of the previous sample (what unrelated maps give).
+
+    With a content mask, the training loss's mask is used (the dominant grid's cells that are mostly
+    padding are left out); the unpaired pair of samples i and i - 1 is compared on the cells that are
+    content in both, so that neither reference can be met by matching the padding layout, which is
+    nearly the same in every slice. A value with no sample of two such cells to compare is nan."""
+    if content is None:
+        return float(equivariance_loss(y, y_tilde)), float(equivariance_loss(y, y_tilde.roll(1, dims=0)))
+    cells = content_cells(content.to(y.device), y.shape[2:])
+    values = []
+    for shifted, mask in ((y_tilde, cells), (y_tilde.roll(1, dims=0), cells & cells.roll(1, dims=0))):
+        usable = bool((mask.sum(dim=1) >= 2).any())
+        values.append(float(equivariance_loss(y, shifted, cells=mask)) if usable else float("nan"))
+    return values[0], values[1]
+
+
+def ler_sample_share(y: torch.Tensor, content: torch.Tensor | None) -> float:
+    """The share of samples that LER compares: those with at least two content cells on the dominant
+    bottleneck grid of ``y`` (1.0 without a content mask). 0 means LER contributes nothing at this crop."""
+    if content is None:
+        return 1.0
+    cells = content_cells(content.to(y.device), y.shape[2:])
+    return float((cells.sum(dim=1) >= 2).float().mean())
+
+
 @torch.no_grad()
 def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Tensor, content: torch.Tensor | None,
                           spatial_transform, seed: int = 0) -> dict[str, float]:
@@ -100,7 +128,8 @@ def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Ten
     - Lg and Lg_chance = log(2B - 1) on this batch;
     - Ld and Ld_chance (the same loss on equal features: every similarity ties, whatever the masks)
       where the run uses Ld; LER and LER_unpaired (LER between each dominant map and the auxiliary map
-      of another sample: what unrelated maps give) where the run uses LER; so that ``macl_diagnose
+      of another sample: what unrelated maps give; both over content cells, :func:`ler_references`)
+      where the run uses LER; so that ``macl_diagnose
       --init`` against the final checkpoint shows each objective against its own reference;
     - bottleneck_abs: mean absolute auxiliary bottleneck activation (what fine-tuning receives; LER
       must not shrink it).
@@ -135,8 +164,8 @@ def embedding_diagnostics(macl, loss, images: torch.Tensor, positions: torch.Ten
                                                         content))
         if loss.weights[2] > 0:
             y, y_tilde = out["bottleneck_dominant"], out["bottleneck_auxiliary"]
-            result["LER"] = float(equivariance_loss(y, y_tilde))
-            result["LER_unpaired"] = float(equivariance_loss(y, y_tilde.roll(1, dims=0)))
+            result["LER"], result["LER_unpaired"] = ler_references(y, y_tilde, loss.ler_content(content))
+            result["LER_samples"] = ler_sample_share(y, loss.ler_content(content))
     finally:
         torch.random.set_rng_state(rng)
     return result
@@ -147,7 +176,14 @@ def format_diagnostics(d: dict[str, float]) -> str:
     if "Ld" in d:
         others += f" | Ld {d['Ld']:.4f} vs chance {d['Ld_chance']:.4f} ({d['Ld'] / d['Ld_chance']:.3f} x)"
     if "LER" in d:
-        others += f" | LER {d['LER']:.4f} vs unpaired maps {d['LER_unpaired']:.4f}"
+        share = d.get("LER_samples", 1.0)
+        if share == 0 or not math.isfinite(d["LER"]):
+            others += (" | LER n/a: no sample has two bottleneck cells that are mostly image at this crop, so LER "
+                       "contributes nothing (--ler-all-cells compares every cell)")
+        else:
+            others += f" | LER {d['LER']:.4f} vs unpaired maps {d['LER_unpaired']:.4f}"
+            if share < 1:
+                others += f" (on the {share:.0%} of samples with two content cells)"
     return (f"pooled-descriptor cosine {d['cos_descriptor']:.4f} | projection cosine {d['cos_projection']:.4f} | "
             f"Lg {d['Lg']:.4f} vs chance log(2B-1) = {d['Lg_chance']:.4f} ({d['Lg'] / d['Lg_chance']:.3f} x){others} | "
             f"mean |bottleneck| {d['bottleneck_abs']:.4f} (heads' BatchNorm on the batch's statistics)")

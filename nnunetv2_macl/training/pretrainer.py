@@ -225,7 +225,8 @@ class MACLPretrainer:
         self.crop_size = self.determine_crop_size()
         self.loss = MultiLevelContrastiveLoss(cfg.loss_weights, cfg.threshold, cfg.tau, cfg.positives,
                                               cfg.dense_form, cfg.base_temperature, cfg.dense_contrast,
-                                              cfg.dense_locations, cfg.dense_slice_positives)
+                                              cfg.dense_locations, cfg.dense_slice_positives,
+                                              ler_content_mask=cfg.ler_content_mask)
         self.dataset = self.get_dataset()
         if self.dataset.num_channels != self.num_input_channels:
             raise DatasetError(f"Preprocessed data has {self.dataset.num_channels} channels but the plans/dataset.json "
