@@ -826,3 +826,64 @@ def test_resume_moves_runs_when_split_indices_change(tmp_path):
     assert not by_budget[10].exists()                                      # the new budget runs fresh
     runner.plan_resume(tasks, out, name, s_new, plan_new, cases, resume=True)
     assert [t.status for t in tasks] == ["pending"] * 3                    # nothing finished here: none reused
+
+
+@pytest.mark.e2e
+def test_a_fine_tuning_cut_mid_way_continues_from_its_checkpoint(tiny_dataset, nnunet_env, tmp_path):
+    """``macl_fewlabel`` killed (process group, SIGKILL, as a session end does) while a fine-tuning is in its
+    third epoch: the report built then marks the run unfinished (no table row, no final Dice, status cut);
+    ``--resume`` continues it with ``--c`` from nnU-Net's checkpoint, not from epoch 0, and the report
+    then holds it as a finished run."""
+    import re
+    import signal
+
+    env = dict(os.environ)
+    env.pop("MACL_PRETRAINED", None)
+    out = tmp_path / "fl"
+    args = [sys.executable, "-m", "nnunetv2_macl.run.fewlabel", "-d", str(tiny_dataset["id"]), "-o", str(out),
+            "--val-cases", "3", "--budgets", "2", "--folds", "1", "--methods", "scratch", "--epochs", "8",
+            "--iters", "2", "--val-iters", "1", "--save-every", "1", "--device", "cpu", "--procs", "1"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    started, logs = time.time(), []
+    try:
+        # nnU-Net prints "Epoch 2" after it has written checkpoint_latest.pth of epoch 1 (save every epoch)
+        while time.time() - started < 600 and proc.poll() is None:
+            logs = sorted(out.rglob("training_log_*.txt"))
+            if logs and re.search(r": Epoch 2\s*$", logs[-1].read_text(errors="replace"), flags=re.MULTILINE):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be cut"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert logs, "no nnU-Net training log appeared"
+    fold = logs[-1].parent
+    assert (fold / "checkpoint_latest.pth").is_file() and not (fold / "checkpoint_final.pth").exists()
+
+    report = [sys.executable, "-m", "nnunetv2_macl.run.fewlabel", "-d", str(tiny_dataset["id"]), "-o", str(out),
+              "--report-only"]
+    p = subprocess.run(report, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    cut = json.loads((out / "report" / "fewlabel_result.json").read_text())
+    assert cut["runs"] == []  # nothing finished: no row in the table
+    assert [r["status"] for r in cut["run_log"] if r["key"].startswith("train")] == ["cut"]
+    curve = json.loads((out / "report" / "fewlabel_curves.json").read_text())["2"]
+    (run,) = [r for runs in curve.values() for r in runs]
+    assert run["finished"] is False and run["final_dice"] is None and run["iterations"]
+
+    p = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, encoding="utf-8",
+                       errors="replace", timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    resumed = [f for f in sorted(fold.glob("training_log_*.txt")) if f not in logs]
+    assert resumed, "the resumed run wrote no training log of its own"
+    text = resumed[-1].read_text(errors="replace")
+    epochs = [int(e) for e in re.findall(r": Epoch (\d+)\s*$", text, flags=re.MULTILINE)]
+    assert epochs and 2 <= epochs[0] < 8 and epochs[-1] == 7, epochs  # continued, not from epoch 0
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    done = json.loads((out / "report" / "fewlabel_result.json").read_text())
+    assert [(r["arm"], r["budget"]) for r in done["runs"]] == [("scratch", 2)]
+    curve = json.loads((out / "report" / "fewlabel_curves.json").read_text())["2"]
+    assert [r["finished"] for runs in curve.values() for r in runs] == [True]

@@ -688,7 +688,7 @@ def test_location_contrast_samples_a_shared_subset_written_out(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_location_contrast_samples_with_padding_and_never_uses_padded_cells(seed):
     """The crop's left half is padding: 32 content cells of 64, more than the 16 sampled, so sampling really
-    happens. The loss is the written-out SupCon on the drawn cells that are content, whatever the padded cells
+    happens, among the content cells only. The loss is the written-out SupCon on the drawn cells that are content, whatever the padded cells
     hold: no padded cell is ever an anchor, a positive or a negative."""
     g = torch.Generator().manual_seed(34)
     n, c = 4, 6
@@ -698,9 +698,9 @@ def test_location_contrast_samples_with_padding_and_never_uses_padded_cells(seed
     content[..., 16:] = 1  # cell column j sits on pixel column 4 j: columns 4..7 are image
     content_cells = {row * 8 + col for row in range(8) for col in range(4, 8)}
     assert len(content_cells) == 32
-    drawn = drawn_cells(seed, 64, 16)
-    used = [cell for cell in drawn if cell in content_cells]
-    assert 0 < len(used) < 16  # this draw holds padded cells
+    candidates = sorted(content_cells)  # cells that are content in some sample, in grid order
+    used = [candidates[i] for i in drawn_cells(seed, len(candidates), 16)]
+    assert len(used) == 16 and set(used) <= content_cells
     torch.manual_seed(seed)
     loss = dense_contrastive_loss(dom, aux, positions, contrast="locations", content=content, locations=16).item()
     assert loss == pytest.approx(location_reference(dom, aux, used), rel=1e-5)
@@ -720,11 +720,6 @@ def test_location_contrast_samples_with_padding_and_never_uses_padded_cells(seed
     assert equal_feature_cells(tied, n) == pytest.approx(len(used), abs=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "location_contrastive_loss draws its cells with torch.randperm over ALL cells, padded ones included, and "
-    "only then drops the padded ones: fewer than `locations` content cells enter the loss although 32 content "
-    "cells are available (reported in issue 27 part 4; remove this marker when the sampler draws from content "
-    "cells only)"))
 def test_location_sampler_spends_its_budget_on_content_cells():
     """With 32 content cells and locations = 16, every draw should use 16 content cells (padded cells are
     never sampled)."""

@@ -147,17 +147,23 @@ def location_contrastive_loss(
 
     Rows are [dominant cells; auxiliary cells], each sample-major: (sample n, sampled cell l). The cell
     subset is drawn from the global torch RNG (seeded by the pretraining), the same for the whole batch
-    so that "the same cell of another slice" exists.
+    so that "the same cell of another slice" exists. With a content mask the subset is drawn from the
+    cells that are content in at least one sample (a cell padded in every slice would only waste the
+    budget): the first ``locations`` of a random permutation of those, in their order on the grid.
     """
     n, c = z_dominant.shape[:2]
     total = int(torch.tensor(z_dominant.shape[2:]).prod())
     if int(locations) < 1:
         raise ValueError(f"locations must be >= 1, got {locations}")
     device = z_dominant.device
-    if total > int(locations):
-        chosen = torch.randperm(total, device=device)[: int(locations)]
+    candidates = (torch.arange(total, device=device) if cells is None
+                  else cells.to(device).reshape(n, total).any(dim=0).nonzero().squeeze(1))
+    if candidates.numel() == 0:  # no content anywhere: one (padded) cell, which the mask leaves out (loss 0)
+        candidates = torch.zeros(1, dtype=torch.long, device=device)
+    if candidates.numel() > int(locations):
+        chosen = candidates[torch.randperm(candidates.numel(), device=device)[: int(locations)]]
     else:
-        chosen = torch.arange(total, device=device)
+        chosen = candidates
     k = int(chosen.numel())
     dom = z_dominant.reshape(n, c, total)[:, :, chosen].permute(0, 2, 1).reshape(n * k, c)
     aux = z_auxiliary.reshape(n, c, total)[:, :, chosen].permute(0, 2, 1).reshape(n * k, c)
