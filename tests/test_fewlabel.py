@@ -505,7 +505,8 @@ def test_the_pretraining_that_runs_is_the_one_fingerprinted(monkeypatch, tmp_pat
     folder = records.pretrain_folder(out, "macl", name, s)
     commands = []
 
-    def fake_stream(cmd, env, tag, log, timeout):
+    def fake_stream(cmd, env, tag, log, timeout, caller="macl_demo"):
+        assert caller == "fewlabel"  # its lines announce macl_fewlabel's commands as its own
         commands.append(cmd)
         (folder / "checkpoint_final.pth").write_bytes(b"")
 

@@ -114,7 +114,8 @@ def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: 
         env["nnUNet_preprocessed"] = str(out / "views" / "pretrain")
         # the same arguments the pretraining fingerprint was resolved from (records.pretrain_fingerprint)
         cmd = [find_executable("macl_pretrain"), *pretrain_arguments(s, task.method)] + (["--c"] if cont else [])
-        stream_command(cmd, env, f"[pretrain {task.method}]", logs / f"pretrain_{task.method}.log", timeout)
+        stream_command(cmd, env, f"[pretrain {task.method}]", logs / f"pretrain_{task.method}.log", timeout,
+                       caller="fewlabel")
         if not (folder / "checkpoint_final.pth").is_file():
             raise StepError(f"macl_pretrain --method {task.method} finished without writing {folder}/checkpoint_final.pth")
         return
@@ -131,7 +132,8 @@ def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: 
     cmd = [find_executable("nnUNetv2_train"), str(s.dataset_id), s.configuration, str(task.index), "-tr",
            task.arm.trainer, "-p", s.plans, "-device", s.device] + (["--c"] if cont else [])
     tag = f"[{task.arm.key} M={task.budget} f{task.fold}]"
-    stream_command(cmd, env, tag, logs / f"train_{task.arm.key}_M{task.budget}_f{task.fold}.log", timeout)
+    stream_command(cmd, env, tag, logs / f"train_{task.arm.key}_M{task.budget}_f{task.fold}.log", timeout,
+                   caller="fewlabel")
     if not (folder / "validation" / "summary.json").is_file():
         raise StepError(f"nnUNetv2_train finished without writing {folder}/validation/summary.json")
 

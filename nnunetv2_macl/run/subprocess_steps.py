@@ -117,13 +117,15 @@ def _run_logged(cmd: list[str], env: dict, log_file: Path, timeout: float | None
     return secs, tail
 
 
-def stream_command(cmd: list[str], env: dict, prefix: str, log_file: Path, timeout: float | None) -> float:
-    """Run ``cmd``, pass its output through line by line (prefixed) and into ``log_file``.
+def stream_command(cmd: list[str], env: dict, prefix: str, log_file: Path, timeout: float | None,
+                   caller: str = "macl_demo") -> float:
+    """Run ``cmd``, pass its output through line by line (prefixed) and into ``log_file``; ``caller``
+    names the tool in the lines that announce the command.
 
     Returns the wall time; raises :class:`StepError` on a non-zero exit status or a timeout.
     """
-    _say(f"[macl_demo] $ {' '.join(cmd)}")
-    _say(f"[macl_demo]   (output below prefixed with '{prefix}', also in {log_file})")
+    _say(f"[{caller}] $ {' '.join(cmd)}")
+    _say(f"[{caller}]   (output below prefixed with '{prefix}', also in {log_file})")
     last_progress = [-1e9]
 
     def echo(line: str) -> None:
