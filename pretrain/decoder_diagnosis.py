@@ -3,8 +3,9 @@
 Three measurements on a labeled nnU-Net preprocessed dataset (2d), for one ``macl_pretrain`` checkpoint:
 
 (a) Variance decomposition of every stage the pretraining trained (encoder stage outputs incl. the
-    bottleneck; decoder stages 1..N), pretrained against the same architecture at random initialisation
-    (same seed). Per channel, the variance of a feature over all content cells of all validation slices
+    bottleneck; decoder stages 1..N), pretrained against the encoder-only start (the same pretrained
+    encoder, nnU-Net's initialisation of the decoder: the reference for the decoder stages) and against
+    the same architecture at random initialisation (same seed). Per channel, the variance of a feature over all content cells of all validation slices
     splits exactly into ``spatial`` (the mean over slices of the within-slice variance, weighted by the
     slice's number of cells) plus ``across`` (the weighted variance over slices of the slice's spatial
     mean). Reported: ``spatial_fraction`` = mean over live channels of spatial / total, and
@@ -865,14 +866,16 @@ def findings(result: dict) -> list[str]:
         for j in dec:
             s = f"decoder.stages.{j}"
             pre = var["pretrained"]["full_resolution"].get(s, {})
-            rnd = var["random"]["full_resolution"].get(s, {})
+            ref_name = "encoder" if "encoder" in var else "random"
+            rnd = var[ref_name]["full_resolution"].get(s, {})
             dom = var["pretrained"]["dominant_branch"].get(s, {})
             sp, sr = pre.get("spatial_fraction", float("nan")), rnd.get("spatial_fraction", float("nan"))
-            verdict = ("spatially flat compared with random init" if np.isfinite(sp) and np.isfinite(sr) and sp < 0.5 * sr
-                       else "not flatter than random init by 2x")
-            lines.append(f"(a) decoder stage {j + 1}: {_fmt(sp)} of its variance is within slices (random init "
+            ref = "the encoder-only start" if ref_name == "encoder" else "random init"
+            verdict = (f"spatially flat compared with {ref}" if np.isfinite(sp) and np.isfinite(sr) and sp < 0.5 * sr
+                       else f"not flatter than {ref} by 2x")
+            lines.append(f"(a) decoder stage {j + 1}: {_fmt(sp)} of its variance is within slices ({ref} "
                          f"{_fmt(sr)}; on the dominant-branch input {_fmt(dom.get('spatial_fraction'))}); slice position "
-                         f"explains {_fmt(pre.get('position_share'))} of its across-slice variance (random "
+                         f"explains {_fmt(pre.get('position_share'))} of its across-slice variance ({ref} "
                          f"{_fmt(rnd.get('position_share'))}); {pre.get('dead_channels', 'n/a')} of "
                          f"{pre.get('channels', 'n/a')} channels constant -> {verdict}.")
         enc_last = [k for k in var["pretrained"]["full_resolution"] if k.startswith("encoder")]
@@ -888,6 +891,12 @@ def findings(result: dict) -> list[str]:
             if np.isfinite(dp) and np.isfinite(dr):
                 tag = (" -> less linearly decodable than random features" if dp < dr - 0.05 else
                        " -> more decodable than random features" if dp > dr + 0.05 else " -> within 0.05 of random")
+            if s.startswith("decoder") and "encoder" in probe:  # same encoder, decoder initialised by nnU-Net
+                de = probe["encoder"][s]["mean_dice"]
+                tag += (f"; encoder-only start {_fmt(de)}" + (
+                    " -> the hand-over is less decodable than nnU-Net's own decoder init" if dp < de - 0.05 else
+                    " -> the hand-over is more decodable than nnU-Net's own decoder init" if dp > de + 0.05 else
+                    " -> within 0.05 of the encoder-only start") if np.isfinite(de) and np.isfinite(dp) else "")
             lines.append(f"(b) probe on {s}: Dice {_fmt(dp)} pretrained vs {_fmt(dr)} random{tag}.")
     ft = result.get("finetune")
     if ft and "pretrained" in ft and "encoder" in ft:
@@ -933,13 +942,15 @@ def markdown_report(result: dict) -> str:
         out += ["## (a) Within-slice share of the variance", "",
                 "spatial fraction = mean over live channels of (mean within-slice variance) / (total variance); "
                 "position share = share of the across-slice variance explained by the slice position (10 bins).", "",
-                "| stage | pretrained | random | pretrained, dominant input | random, dominant input | position share pretrained | random | dead channels pre/rand |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| stage | pretrained | encoder-only start | random | pretrained, dominant input | random, dominant input | position share pretrained | random | dead channels pre/rand |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for s, pre in var["pretrained"]["full_resolution"].items():
             rnd = var["random"]["full_resolution"][s]
+            enc = var.get("encoder", {}).get("full_resolution", {}).get(s, {})
             dp = var["pretrained"]["dominant_branch"].get(s, {})
             dr = var["random"]["dominant_branch"].get(s, {})
-            out.append(f"| {s} | {_fmt(pre['spatial_fraction'])} | {_fmt(rnd['spatial_fraction'])} | "
+            out.append(f"| {s} | {_fmt(pre['spatial_fraction'])} | {_fmt(enc.get('spatial_fraction'))} | "
+                       f"{_fmt(rnd['spatial_fraction'])} | "
                        f"{_fmt(dp.get('spatial_fraction'))} | {_fmt(dr.get('spatial_fraction'))} | "
                        f"{_fmt(pre['position_share'])} | {_fmt(rnd['position_share'])} | "
                        f"{pre['dead_channels']}/{rnd['dead_channels']} of {pre['channels']} |")
@@ -948,10 +959,12 @@ def markdown_report(result: dict) -> str:
     if probe:
         out += ["## (b) Linear probe (1x1 conv on frozen features)", "",
                 f"{result['probe_settings']}. Dice per volume, mean over volumes (global Dice over all voxels in brackets).", "",
-                "| stage | pretrained | random |", "|---|---|---|"]
+                "| stage | pretrained | encoder-only start | random |", "|---|---|---|---|"]
         for s in probe["pretrained"]:
             p, r = probe["pretrained"][s], probe["random"][s]
+            e = probe.get("encoder", {}).get(s, {})
             out.append(f"| {s} | {_fmt(p['mean_dice'])} ({_fmt(p['mean_dice_global'])}) | "
+                       f"{_fmt(e.get('mean_dice'))} ({_fmt(e.get('mean_dice_global'))}) | "
                        f"{_fmt(r['mean_dice'])} ({_fmt(r['mean_dice_global'])}) |")
         out.append("")
     ft = result.get("finetune")
@@ -1064,12 +1077,16 @@ def run_diagnosis(checkpoint_path: str, preprocessed: str, train_ids: Sequence[s
     train_cases = [read_case(setup.data_folder, c) for c in train_ids]
 
     pretrained, report = network_from_checkpoint(setup, ckpt, "pretrained", seed)
+    # the reference for questions about the handed-over decoder stages: the same pretrained encoder with
+    # nnU-Net's initialisation of the decoder (the default start), not a network that is random throughout
+    encoder_net, _ = network_from_checkpoint(setup, ckpt, "encoder", seed)
     random_net = build_network(setup, seed)
     dec_stages = loaded_decoder_stages(report)
     n_decoder = (max(dec_stages) + 1) if dec_stages else 0
     decoder_blocks = int(meta.get("decoder_blocks", n_decoder))
     down_pre = dominant_down(pretrained, decoder_blocks)
     down_rand = dominant_down(random_net, decoder_blocks)
+    down_enc = dominant_down(encoder_net, decoder_blocks)
     from nnunetv2_macl.model.macl_network import downsampling_factors
 
     lam = downsampling_factors(pretrained, decoder_blocks)
@@ -1079,6 +1096,7 @@ def run_diagnosis(checkpoint_path: str, preprocessed: str, train_ids: Sequence[s
     quota = None if max_val_slices is None else max(1, int(max_val_slices) // len(val_ids))
     stages = stage_names(pretrained, dec_stages)
     pretrained.eval()
+    encoder_net.eval()
     random_net.eval()
     result: dict = {
         "checkpoint": os.path.abspath(checkpoint_path), "preprocessed": os.path.abspath(preprocessed),
@@ -1107,7 +1125,8 @@ def run_diagnosis(checkpoint_path: str, preprocessed: str, train_ids: Sequence[s
 
     if parts & {"a", "b"}:
         say(f"(a/b) stages {stages}; canvas {canvas}; {len(val_ids)} validation cases")
-        runs = [FeatureRun("pretrained", pretrained, down_pre), FeatureRun("random", random_net, down_rand)]
+        runs = [FeatureRun("pretrained", pretrained, down_pre), FeatureRun("encoder", encoder_net, down_enc),
+                FeatureRun("random", random_net, down_rand)]
         feat = run_feature_parts(runs, train_cases, val_stream(), stages, n_decoder, canvas, setup.num_classes,
                                  "a" in parts, "b" in parts, probe_iters, probe_lr, probe_batch, probe_dice, seed,
                                  quota, chunk, say)

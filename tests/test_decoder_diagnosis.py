@@ -213,13 +213,22 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
             for key in ("spatial_fraction", "position_share", "mean_total_variance"):
                 finite(net[s][key], (name, s, key))
             assert 0 <= net[s]["spatial_fraction"] <= 1 and 0 <= net[s]["position_share"] <= 1 + 1e-9
+    # the encoder-only start (the decoder stages' reference): the pretrained encoder itself, so its encoder
+    # stages measure exactly as the pretrained network's; its decoder is nnU-Net's init, not the zeroed stage
+    enc = saved["variance"]["encoder"]["full_resolution"]
+    for s in saved["stages"][:n_enc]:
+        for key in ("spatial_fraction", "position_share", "mean_total_variance"):
+            assert enc[s][key] == pytest.approx(pre[s][key], rel=1e-5, abs=1e-12), (s, key)
+    assert enc["decoder.stages.1"]["dead_channels"] == 0
+    assert enc["decoder.stages.1"]["mean_total_variance"] != pytest.approx(
+        rnd["decoder.stages.1"]["mean_total_variance"], rel=1e-3)  # another encoder feeds it than at random init
     dom = saved["variance"]["pretrained"]["dominant_branch"]
     assert set(dom) == {f"encoder.stages.{n_enc - 1}", "decoder.stages.0", "decoder.stages.1"}
 
     # (b) a probe for every stage of both networks; on the constant stage it cannot beat the random features
     probe = saved["probe"]
-    assert set(probe["pretrained"]) == set(probe["random"]) == set(saved["stages"])
-    for name in ("pretrained", "random"):
+    assert set(probe["pretrained"]) == set(probe["encoder"]) == set(probe["random"]) == set(saved["stages"])
+    for name in ("pretrained", "encoder", "random"):
         for s in saved["stages"]:
             assert probe[name][s]["num_volumes"] == 3
             assert 0 <= finite(probe[name][s]["mean_dice"], (name, s)) <= 1
@@ -254,6 +263,8 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
         assert 0 <= finite(val["mean_dice"], start) <= 1
     md = (out / "decoder_diagnosis.md").read_text()
     assert "## Findings" in md and "(c) mean loss" in md
+    assert "| encoder-only start |" in md  # both tables
+    assert any(v in md for v in ("flat compared with the encoder-only start", "than the encoder-only start by 2x"))
 
 
 def test_splits_from_fewlabel_workdir_and_cli(tiny_dataset, flat_decoder_checkpoint, tmp_path):
