@@ -5,7 +5,9 @@ Three measurements on a labeled nnU-Net preprocessed dataset (2d), for one ``mac
 (a) Variance decomposition of every stage the pretraining trained (encoder stage outputs incl. the
     bottleneck; decoder stages 1..N), pretrained against the encoder-only start (the same pretrained
     encoder, nnU-Net's initialisation of the decoder: the reference for the decoder stages) and against
-    the same architecture at random initialisation (same seed). Per channel, the variance of a feature over all content cells of all validation slices
+    the same architecture at random initialisation (same seed). Every stage is also measured before its
+    last InstanceNorm (``<stage>@pre-norm``: the last convolution's output), where the across-slice
+    variance is not normalised away slice by slice. Per channel, the variance of a feature over all content cells of all validation slices
     splits exactly into ``spatial`` (the mean over slices of the within-slice variance, weighted by the
     slice's number of cells) plus ``across`` (the weighted variance over slices of the slice's spatial
     mean). Reported: ``spatial_fraction`` = mean over live channels of spatial / total, and
@@ -523,12 +525,38 @@ def canvas_for(network: nn.Module, decoder_blocks: int, slice_shapes: Iterable[S
     return int(crop[0]), int(crop[1])
 
 
+PRE_NORM = "@pre-norm"  # suffix of a stage's last convolution output, before its InstanceNorm
+
+
+def last_conv(stage: nn.Module) -> nn.Module:
+    """The convolution of a stage's last conv-norm-nonlin block (dynamic_network_architectures' blocks)."""
+    blocks = [m for m in stage.modules() if hasattr(m, "conv") and hasattr(m, "norm")]
+    if not blocks:
+        raise ValueError(f"no convolution block with a norm in {type(stage).__name__}")
+    return blocks[-1].conv
+
+
 @torch.no_grad()
-def slice_features(network: nn.Module, images: torch.Tensor, n_decoder: int, chunk: int) -> dict[str, torch.Tensor]:
+def slice_features(network: nn.Module, images: torch.Tensor, n_decoder: int, chunk: int,
+                   pre_norm: bool = False) -> dict[str, torch.Tensor]:
+    """Stage outputs (:func:`forward_stages`) of ``images`` in chunks; with ``pre_norm`` also each stage's last
+    convolution output before its InstanceNorm (key ``stage + PRE_NORM``): after the norm the across-slice
+    variance is small by construction (every slice is normalised per channel), before it is not."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, images.shape[0], chunk):
-        for k, v in forward_stages(network, images[i:i + chunk], n_decoder).items():
-            parts.setdefault(k, []).append(v)
+    hooks = []
+    if pre_norm:
+        stages = {f"encoder.stages.{i}": s for i, s in enumerate(network.encoder.stages)}
+        stages.update({f"decoder.stages.{j}": network.decoder.stages[j] for j in range(n_decoder)})
+        for name, stage in stages.items():
+            hooks.append(last_conv(stage).register_forward_hook(
+                lambda _m, _i, out, key=name + PRE_NORM: parts.setdefault(key, []).append(out.detach().clone())))
+    try:
+        for i in range(0, images.shape[0], chunk):
+            for k, v in forward_stages(network, images[i:i + chunk], n_decoder).items():
+                parts.setdefault(k, []).append(v)
+    finally:
+        for h in hooks:
+            h.remove()
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -565,8 +593,9 @@ def run_feature_parts(runs: Sequence[FeatureRun], train_cases: Sequence[Case], v
             say(f"(b) probes trained on {run.name} features ({len(stages)} stages, {train_images.shape[0]} slices)")
         timings["probe_training_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    variance_stages = [*stages, *(s + PRE_NORM for s in stages)]
     for run in runs:
-        for stage in stages:
+        for stage in variance_stages:
             run.full[stage] = VarianceDecomposition()
         bottleneck = f"encoder.stages.{len(run.network.encoder.stages) - 1}"
         for stage in stages:  # what the pretraining's dense and equivariance losses saw
@@ -580,12 +609,14 @@ def run_feature_parts(runs: Sequence[FeatureRun], train_cases: Sequence[Case], v
         images = images_on_canvas(case, slices, canvas)
         reference = case.seg[slices]
         for run in runs:
-            feats = slice_features(run.network, images, n_decoder, chunk)
-            for stage in stages:
-                f = feats[stage]
-                if do_variance:
+            feats = slice_features(run.network, images, n_decoder, chunk, pre_norm=do_variance)
+            if do_variance:
+                for stage in variance_stages:
+                    f = feats[stage]
                     h, w = content_cells(case.slice_shape, canvas, f.shape[-2:])
                     run.full[stage].add(f[..., :h, :w], positions)
+            for stage in stages:
+                f = feats[stage]
                 if do_probe:
                     pred = probe_predict(run.probes[stage], f, canvas)[:, :case.slice_shape[0], :case.slice_shape[1]]
                     run.dice[stage].add_volume(case.identifier, pred.numpy(), reference)
@@ -601,7 +632,8 @@ def run_feature_parts(runs: Sequence[FeatureRun], train_cases: Sequence[Case], v
     timings["validation_pass_s"] = time.perf_counter() - t0
     out: dict = {"timings": timings, "num_val_cases": num_val}
     if do_variance:
-        out["variance"] = {run.name: {"full_resolution": {s: summarise_decomposition(run.full[s].result()) for s in stages},
+        out["variance"] = {run.name: {"full_resolution": {s: summarise_decomposition(run.full[s].result())
+                                                          for s in variance_stages},
                                       "dominant_branch": {s: summarise_decomposition(d.result())
                                                           for s, d in run.dominant.items()}}
                            for run in runs}
@@ -878,7 +910,14 @@ def findings(result: dict) -> list[str]:
                          f"explains {_fmt(pre.get('position_share'))} of its across-slice variance ({ref} "
                          f"{_fmt(rnd.get('position_share'))}); {pre.get('dead_channels', 'n/a')} of "
                          f"{pre.get('channels', 'n/a')} channels constant -> {verdict}.")
-        enc_last = [k for k in var["pretrained"]["full_resolution"] if k.startswith("encoder")]
+            before = var["pretrained"]["full_resolution"].get(s + PRE_NORM)
+            if before:
+                ref_before = var[ref_name]["full_resolution"].get(s + PRE_NORM, {})
+                lines.append(f"(a) decoder stage {j + 1} before its InstanceNorm: {_fmt(before.get('spatial_fraction'))} "
+                             f"of its variance within slices ({ref} {_fmt(ref_before.get('spatial_fraction'))}), "
+                             f"position share {_fmt(before.get('position_share'))} ({ref} "
+                             f"{_fmt(ref_before.get('position_share'))}).")
+        enc_last = [k for k in var["pretrained"]["full_resolution"] if k.startswith("encoder") and PRE_NORM not in k]
         if enc_last:
             b = enc_last[-1]
             lines.append(f"(a) bottleneck ({b}): spatial fraction {_fmt(var['pretrained']['full_resolution'][b]['spatial_fraction'])}"

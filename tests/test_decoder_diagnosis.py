@@ -174,6 +174,26 @@ def test_same_seed_gives_identical_random_init(tiny_dataset):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_pre_norm_features_are_the_last_convolution_before_norm_and_nonlinearity(tiny_dataset):
+    """The pre-norm map of a stage, passed through its last block's norm and nonlinearity, is the stage output
+    (so it is that convolution's output, and the hooks leave the forward pass as it was)."""
+    setup = dd.load_setup(str(tiny_dataset["preprocessed"]))
+    net = dd.build_network(setup, 3).eval()
+    x = torch.randn(3, 1, *setup.patch_size)
+    feats = dd.slice_features(net, x, 2, chunk=2, pre_norm=True)
+    plain = dd.slice_features(net, x, 2, chunk=2)
+    assert set(plain) < set(feats)
+    for s, out in plain.items():
+        assert torch.equal(out, feats[s]), s
+        stage = net.encoder.stages[int(s.split(".")[-1])] if s.startswith("encoder") else \
+            net.decoder.stages[int(s.split(".")[-1])]
+        block = [m for m in stage.modules() if hasattr(m, "conv") and hasattr(m, "norm")][-1]
+        with torch.no_grad():
+            again = block.nonlin(block.norm(feats[s + dd.PRE_NORM].clone()))
+        assert torch.allclose(again, out, atol=1e-5), s
+        assert not torch.allclose(feats[s + dd.PRE_NORM], out, atol=1e-3), s
+
+
 def finite(value, where=None) -> float:
     """``value`` as a float, failing when it is missing (None / JSON null) or not finite."""
     assert isinstance(value, (int, float)) and not isinstance(value, bool), (where, value)
@@ -222,6 +242,11 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
     assert enc["decoder.stages.1"]["dead_channels"] == 0
     assert enc["decoder.stages.1"]["mean_total_variance"] != pytest.approx(
         rnd["decoder.stages.1"]["mean_total_variance"], rel=1e-3)  # another encoder feeds it than at random init
+    # before the InstanceNorm: every stage of every network measured there too
+    for s in saved["stages"]:
+        assert s + dd.PRE_NORM in pre and s + dd.PRE_NORM in rnd and s + dd.PRE_NORM in enc
+        assert pre[s + dd.PRE_NORM]["num_slices"] == 24
+        assert 0 <= finite(rnd[s + dd.PRE_NORM]["spatial_fraction"], s) <= 1
     dom = saved["variance"]["pretrained"]["dominant_branch"]
     assert set(dom) == {f"encoder.stages.{n_enc - 1}", "decoder.stages.0", "decoder.stages.1"}
 
