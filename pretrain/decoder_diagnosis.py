@@ -24,8 +24,9 @@ Three measurements on a labeled nnU-Net preprocessed dataset (2d), for one ``mac
 (c) The first K fine-tuning iterations from three starts built with the same seed: ``scratch``,
     ``encoder`` (scope="encoder") and ``pretrained`` (scope="pretrained", the paper's hand-over), with
     nnU-Net's own loss (``nnUNetTrainer._build_loss``: DC_and_CE_loss in a DeepSupervisionWrapper),
-    optimiser (SGD 1e-2, momentum 0.99, nesterov, weight decay 3e-5; constant lr, since nnU-Net's poly
-    decay moves it by < 0.1 % over the first thousand of 250k iterations) and gradient clipping
+    optimiser (SGD 1e-2, momentum 0.99, nesterov, weight decay 3e-5; nnU-Net's poly decay per epoch,
+    lr (1 - epoch / epochs)^0.9, over the few-label protocol's schedule: ``--poly-iters`` 1,000
+    iterations of ``--iters-per-epoch`` 25 by default; 0 keeps the rate constant) and gradient clipping
     (norm 12), on augmentation-free random crops of the plan's patch size with the same draws for
     every start. Logged per iteration: loss, the gradient L2 norm of each parameter group (before
     clipping), the fraction of pixels predicted foreground and the hard foreground Dice of the batch.
@@ -789,14 +790,27 @@ def _batch_stats(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return fg_fraction, float(np.mean(scores)) if scores else float("nan")
 
 
+def poly_lr(initial: float, iteration: int, poly_iters: int, iters_per_epoch: int) -> float:
+    """nnU-Net's PolyLRScheduler as its trainer steps it (once per epoch): ``initial (1 - e / E)^0.9`` for
+    epoch e = iteration // iters_per_epoch of E = ceil(poly_iters / iters_per_epoch); ``poly_iters`` 0: constant."""
+    if poly_iters <= 0:
+        return float(initial)
+    epochs = max(1, math.ceil(poly_iters / max(1, iters_per_epoch)))
+    epoch = min(iteration // max(1, iters_per_epoch), epochs - 1)
+    return float(initial) * (1 - epoch / epochs) ** 0.9
+
+
 def finetune_trace(setup: Setup, checkpoint: dict | None, train_cases: Sequence[Case], iters: int = 100,
                    batch_size: int = 32, seed: int = 0, starts: Sequence[str] = START_NAMES,
                    lr: float = 1e-2, weight_decay: float = 3e-5, momentum: float = 0.99,
+                   poly_iters: int = 1000, iters_per_epoch: int = 25,
                    say: Callable[[str], None] = print) -> dict:
     """Part (c): ``iters`` fine-tuning steps from each start on identical batches. Returns per start the
     per-iteration ``loss``, ``grad_norm`` ({group: [...]}, before clipping), ``grad_norm_total``,
     ``pred_fg_fraction``, ``batch_dice``, their means over windows of 10, the groups the start received
-    from the checkpoint, and the final network (key ``network``, not JSON)."""
+    from the checkpoint, the learning rate of each iteration (``lr``) and the final network (key ``network``,
+    not JSON). The rate follows nnU-Net's PolyLRScheduler over ``poly_iters`` iterations of
+    ``iters_per_epoch`` (:func:`poly_lr`; ``poly_iters`` 0: constant)."""
     loss_fn, scales = nnunet_loss(setup)
     patch = setup.patch_size
     class_voxels = [{c: np.argwhere(case.seg == c) for c in range(1, setup.num_classes)} for case in train_cases]
@@ -817,8 +831,11 @@ def finetune_trace(setup: Setup, checkpoint: dict | None, train_cases: Sequence[
         params = [p for ps in groups.values() for p in ps]
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
         log: dict = {"loss": [], "grad_norm": {g: [] for g in groups}, "grad_norm_total": [],
-                     "pred_fg_fraction": [], "batch_dice": [], "reference_fg_fraction_per_batch": []}
+                     "pred_fg_fraction": [], "batch_dice": [], "reference_fg_fraction_per_batch": [], "lr": []}
         for it, batch_draws in enumerate(draws):
+            for group in opt.param_groups:
+                group["lr"] = poly_lr(lr, it, poly_iters, iters_per_epoch)
+            log["lr"].append(opt.param_groups[0]["lr"])
             images, labels = crop_batch(train_cases, batch_draws, patch)
             targets = deep_supervision_targets(labels, scales)
             opt.zero_grad(set_to_none=True)
@@ -1102,7 +1119,7 @@ def run_diagnosis(checkpoint_path: str, preprocessed: str, train_ids: Sequence[s
                   parts: Sequence[str] = ("a", "b", "c"), max_val_slices: int | None = None, probe_iters: int = 300,
                   probe_lr: float = 1e-2, probe_batch: int = 16, probe_dice: bool = True, finetune_iters: int = 100,
                   finetune_batch: int = 32, finetune_eval: bool = True, chunk: int = 32, plot: bool = True,
-                  say: Callable[[str], None] = print) -> dict:
+                  say: Callable[[str], None] = print, poly_iters: int = 1000, iters_per_epoch: int = 25) -> dict:
     """Everything :func:`main` does, as a function; returns the result dict (also written to ``out_dir``)."""
     t_start = time.perf_counter()
     parts = set(parts)
@@ -1176,9 +1193,12 @@ def run_diagnosis(checkpoint_path: str, preprocessed: str, train_ids: Sequence[s
                                     f"{'cross-entropy + soft Dice' if probe_dice else 'cross-entropy'}")
     if "c" in parts:
         t0 = time.perf_counter()
-        ft = finetune_trace(setup, ckpt, train_cases, finetune_iters, finetune_batch, seed, say=say)
+        ft = finetune_trace(setup, ckpt, train_cases, finetune_iters, finetune_batch, seed, poly_iters=poly_iters,
+                            iters_per_epoch=iters_per_epoch, say=say)
         result["timings"]["finetune_s"] = time.perf_counter() - t0
-        result["finetune_settings"] = (f"nnU-Net's loss (DC_and_CE_loss, deep supervision) and SGD (lr 1e-2 constant, "
+        result["finetune_settings"] = (f"nnU-Net's loss (DC_and_CE_loss, deep supervision) and SGD (lr 1e-2, "
+                                       + (f"poly decay per epoch of {iters_per_epoch} iterations over {poly_iters}, "
+                                          if poly_iters > 0 else "constant, ") +
                                        f"momentum 0.99, nesterov, weight decay 3e-5, gradient clipping at "
                                        f"{CLIP_GRAD_NORM:g}); batch {finetune_batch} augmentation-free crops of "
                                        f"{setup.patch_size} ({FG_OVERSAMPLE:.0%} forced foreground), the same draws for "
@@ -1233,6 +1253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-loss", choices=["ce", "ce+dice"], default="ce+dice")
     p.add_argument("--finetune-iters", type=int, default=100)
     p.add_argument("--finetune-batch", type=int, default=32)
+    p.add_argument("--poly-iters", type=int, default=1000,
+                   help="part (c): the schedule nnU-Net's poly decay spans (the few-label protocol's 1,000; 0: constant lr)")
+    p.add_argument("--iters-per-epoch", type=int, default=25, help="part (c): iterations per epoch of that schedule")
     p.add_argument("--no-finetune-eval", action="store_true", help="skip the validation Dice after part (c)")
     p.add_argument("--chunk", type=int, default=32, help="slices per forward pass")
     p.add_argument("--no-plot", action="store_true")
@@ -1263,7 +1286,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run_diagnosis(args.checkpoint, args.preprocessed, train_ids, val_ids, args.out, args.configuration,
                            args.plans, args.seed, parts, args.max_val_slices, args.probe_iters, args.probe_lr,
                            args.probe_batch, args.probe_loss == "ce+dice", args.finetune_iters, args.finetune_batch,
-                           not args.no_finetune_eval, args.chunk, not args.no_plot)
+                           not args.no_finetune_eval, args.chunk, not args.no_plot, print, args.poly_iters,
+                           args.iters_per_epoch)
     print("\n".join(result["findings"]))
     print(f"written to {os.path.abspath(args.out)} ({result['seconds']:.0f} s)")
     return 0

@@ -194,6 +194,19 @@ def test_pre_norm_features_are_the_last_convolution_before_norm_and_nonlinearity
         assert not torch.allclose(feats[s + dd.PRE_NORM], out, atol=1e-3), s
 
 
+def test_poly_lr_is_nnunets_per_epoch_decay():
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    sched = PolyLRScheduler(opt, 1e-2, 40)
+    for epoch in range(40):  # nnU-Net steps it at the start of every epoch with the epoch number
+        sched.step(epoch)
+        for it in (epoch * 25, epoch * 25 + 24):
+            assert dd.poly_lr(1e-2, it, 1000, 25) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), it
+    assert dd.poly_lr(1e-2, 5000, 1000, 25) == pytest.approx(1e-2 * (1 / 40) ** 0.9)  # stays at the last epoch
+    assert dd.poly_lr(1e-2, 500, 0, 25) == 1e-2
+
+
 def finite(value, where=None) -> float:
     """``value`` as a float, failing when it is missing (None / JSON null) or not finite."""
     assert isinstance(value, (int, float)) and not isinstance(value, bool), (where, value)
@@ -268,6 +281,8 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
     groups = list(ft["scratch"]["grad_norm"])
     assert "seg_layers" in groups and "decoder.stages.0" in groups and "encoder.stages.0" in groups
     for start, log in ft.items():
+        # nnU-Net's poly decay over the protocol's 1,000 iterations of 25: epoch 0 at 1e-2 for 12 iterations
+        assert log["lr"] == [pytest.approx(dd.poly_lr(1e-2, i, 1000, 25)) for i in range(iters)]
         assert len(log["loss"]) == iters and all(math.isfinite(v) for v in log["loss"]), start
         assert list(log["grad_norm"]) == groups
         for g in groups:
