@@ -110,3 +110,18 @@ def test_extending_a_run_never_raises_the_learning_rate(nnunet_env, tiny_dataset
     mtime = (ds["output"] / "checkpoint_final.pth").stat().st_mtime_ns
     assert main([*common_args(937, 12), "--c"]) != 0
     assert (ds["output"] / "checkpoint_final.pth").stat().st_mtime_ns == mtime
+
+
+
+def test_diagnose_reads_a_checkpoint_before_0_3_with_its_own_ler():
+    """A checkpoint whose config has no ``ler_content_mask`` (written before 0.3) is diagnosed with the LER it
+    was trained with, over every cell; a 0.3 checkpoint with what it stored."""
+    from nnunetv2_macl.run.diagnose import config_from_meta
+    from nnunetv2_macl.training.config import MACLConfig
+
+    stored = MACLConfig(epochs=8, batch_size=16, dense_head=True).to_dict()
+    assert config_from_meta({"config": stored}).ler_content_mask is True
+    old = {k: v for k, v in stored.items() if k != "ler_content_mask"}
+    cfg = config_from_meta({"config": old})
+    assert cfg.ler_content_mask is False and cfg.dense_head is True and cfg.epochs == 8 and cfg.num_workers == 0
+    assert config_from_meta({"config": {**stored, "ler_content_mask": False}}).ler_content_mask is False

@@ -16,6 +16,19 @@ import tempfile
 import torch
 
 
+def config_from_meta(meta: dict) -> "MACLConfig":
+    """The pretraining's configuration from a checkpoint's ``macl`` block, as it was trained: options the
+    checkpoint predates take the value of that time, not today's default; no workers, no compile."""
+    from nnunetv2_macl.training.config import MACLConfig
+
+    stored = meta.get("config") or {}
+    fields = {f.name for f in dataclasses.fields(MACLConfig)}
+    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in stored.items() if k in fields}
+    if "ler_content_mask" not in stored:
+        options["ler_content_mask"] = False  # checkpoints before 0.3: their LER ran over every cell
+    return MACLConfig(**{**options, "num_workers": 0, "compile": False})
+
+
 def diagnose_checkpoint(checkpoint: str, batch_size: int | None = None, at_initialisation: bool = False,
                         device: str = "cpu") -> dict[str, float]:
     from nnunetv2_macl.run.pretrain import load_plans_and_dataset_json
@@ -27,10 +40,7 @@ def diagnose_checkpoint(checkpoint: str, batch_size: int | None = None, at_initi
     meta = ckpt.get("macl")
     if not isinstance(meta, dict) or not isinstance(ckpt.get("network_weights"), dict):
         raise CheckpointError(f"{checkpoint} is not a MACL pretraining checkpoint (no 'macl'/'network_weights')")
-    fields = {f.name for f in dataclasses.fields(MACLConfig)}
-    options = {k: (tuple(v) if isinstance(v, list) else v) for k, v in (meta.get("config") or {}).items()
-               if k in fields}
-    cfg = MACLConfig(**{**options, "num_workers": 0, "compile": False})
+    cfg = config_from_meta(meta)
     if batch_size is not None:
         cfg.batch_size = batch_size
     plans, dataset_json, preprocessed = load_plans_and_dataset_json(meta["dataset_name"], meta["plans_identifier"])
