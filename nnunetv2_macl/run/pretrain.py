@@ -320,7 +320,8 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,
         patches_per_case=args.patches_per_case, sampling=args.sampling, seed=args.seed, num_workers=args.num_workers,
-        save_every=args.save_every, keep_epochs=tuple(args.keep_epochs), amp=not args.no_amp, compile=args.compile, channels_last=args.channels_last,
+        save_every=args.save_every, keep_epochs=tuple(args.keep_epochs), amp=not args.no_amp, compile=args.compile,
+        channels_last=args.channels_last,
         global_negatives=not args.per_gpu_negatives)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunetv2_macl.losses.dense_contrastive import content_cells
-from nnunetv2_macl.losses.equivariance import equivariance_loss
+from nnunetv2_macl.losses.equivariance import equivariance_cells, equivariance_loss
 from nnunetv2_macl.training.distributed import process_local_statistics
 
 COLLAPSE_MARGIN = 0.02  # an epoch whose Lg is within 2 % of chance is reported as collapsed
@@ -103,7 +103,7 @@ def ler_references(y: torch.Tensor, y_tilde: torch.Tensor, content: torch.Tensor
     cells = content_cells(content.to(y.device), y.shape[2:])
     values = []
     for shifted, mask in ((y_tilde, cells), (y_tilde.roll(1, dims=0), cells & cells.roll(1, dims=0))):
-        usable = bool((mask.sum(dim=1) >= 2).any())
+        usable = bool(equivariance_cells(mask, y.shape[0], y.shape[2:]).any())
         values.append(float(equivariance_loss(y, shifted, cells=mask)) if usable else float("nan"))
     return values[0], values[1]
 
@@ -113,8 +113,8 @@ def ler_sample_share(y: torch.Tensor, content: torch.Tensor | None) -> float:
     bottleneck grid of ``y`` (1.0 without a content mask). 0 means LER contributes nothing at this crop."""
     if content is None:
         return 1.0
-    cells = content_cells(content.to(y.device), y.shape[2:])
-    return float((cells.sum(dim=1) >= 2).float().mean())
+    cells = equivariance_cells(content_cells(content.to(y.device), y.shape[2:]), y.shape[0], y.shape[2:])
+    return float(cells.any(dim=1).float().mean())
 
 
 @torch.no_grad()
