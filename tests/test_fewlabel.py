@@ -138,6 +138,99 @@ def test_arms_and_settings():
     assert s.pretrain_methods() == ["macl", "pcl"]
 
 
+def test_snapshot_arms_parse_and_are_checked_against_the_kept_epochs():
+    """``macl@encoder~16``: the start is the pretraining's snapshot at epoch 16; only a kept epoch before
+    the last is accepted, and only for a pretrained method."""
+    from nnunetv2_macl.fewlabel.settings import validate
+
+    snap = parse_arm("macl@encoder~16")
+    assert snap == Arm("macl", "stock", "encoder", 16) and snap.key == "macl_encoder_e16"
+    assert snap.trainer == parse_arm("macl@encoder").trainer                  # the same fine-tuning, another start
+    assert snap.label == "MACL (encoder only, pretraining epoch 16)"
+    assert parse_arm("macl:warmup~4").key == "macl_warmup_e4" and parse_arm("macl").snapshot is None
+    for bad, match in (("scratch~4", "pretraining epoch"), ("macl~x", "positive number"), ("macl~0", "positive"),
+                       ("macl~4@encoder", "positive number")):
+        with pytest.raises(FewLabelError, match=match):
+            parse_arm(bad)
+    with pytest.raises(FewLabelError, match="keeps no checkpoint of epoch 2"):
+        validate(Settings(methods=("scratch", "macl@encoder~2"), pretrain_epochs=4))
+    with pytest.raises(FewLabelError, match="not a snapshot of a 4-epoch"):
+        validate(Settings(methods=("scratch", "macl@encoder~4"), pretrain_epochs=4,
+                          pretrain_extra="--keep-epochs 2,4"))
+    validate(Settings(methods=("scratch", "macl@encoder", "macl@encoder~2"), pretrain_epochs=4,
+                      pretrain_extra="--keep-epochs 2"))
+
+
+def test_a_snapshot_arm_trains_in_its_own_folder_and_leaves_the_other_fingerprints_as_they_were():
+    """Adding ``macl@encoder~2`` to a workdir must not reset its runs: the other trainings' fingerprints
+    are unchanged; the snapshot's training differs from the final start's in its folder, its fingerprint
+    (the epoch) and its start (the kept checkpoint)."""
+    kw = dict(budgets=(2,), folds=1, pretrain_epochs=4, pretrain_extra="--keep-epochs 2")
+    cases = [f"case_{i:03d}" for i in range(20)]
+    plain = Settings(methods=("scratch", "macl@encoder"), **kw)
+    both = Settings(methods=("scratch", "macl@encoder", "macl@encoder~2"), **kw)
+    plan = make_splits(cases, plain.budgets, plain.folds, "heldout", 5, plain.seed)
+    pre = records.pretrain_cases(plain, plan, cases)
+
+    def fps(s):
+        return {t.key: records.task_fingerprint(t, s, plan, pre) for t in records.task_list(s, plan)}
+
+    a, b = fps(plain), fps(both)
+    assert all(b[k] == v for k, v in a.items())
+    final, snap = b["train:macl_encoder:M2:f0"], b["train:macl_encoder_e2:M2:f0"]
+    assert records.fingerprint_diff(final, snap) == ["snapshot_epoch"] and snap["snapshot_epoch"] == 2
+    arm_final, arm_snap = parse_arm("macl@encoder"), parse_arm("macl@encoder~2")
+    out = Path("/out")
+    folder_final = records.run_folder(out, arm_final, "D", 3, both)
+    folder_snap = records.run_folder(out, arm_snap, "D", 3, both)
+    assert folder_final != folder_snap and folder_final.parts[-2:] == folder_snap.parts[-2:]
+    assert records.train_root(out, arm_final) == records.results_root(out, "macl")
+    pre_folder = records.pretrain_folder(out, "macl", "D", both)
+    assert records.start_checkpoint(out, arm_final, "D", both) == pre_folder / "checkpoint_final.pth"
+    assert records.start_checkpoint(out, arm_snap, "D", both) == pre_folder / "checkpoint_epoch_2.pth"
+
+
+def test_a_snapshot_missing_from_a_reused_pretraining_fails_with_what_to_do(tmp_path):
+    """--keep-epochs is not in the pretraining's fingerprint, so a reused pretraining may lack the snapshot:
+    that training fails naming the file and the remedy, before nnU-Net starts."""
+    s = Settings(methods=("scratch", "macl@encoder~2"), budgets=(2,), pretrain_epochs=4,
+                 pretrain_extra="--keep-epochs 2")
+    plan = make_splits([f"case_{i:03d}" for i in range(12)], s.budgets, s.folds, "heldout", 4, s.seed)
+    task = next(t for t in records.task_list(s, plan) if t.kind == "train" and t.arm.snapshot)
+    task.extra["fingerprint"] = {}
+    with pytest.raises(StepError, match=r"checkpoint_epoch_2\.pth is not there.*--keep-epochs 2.*remove that folder"):
+        runner.execute(task, s, tmp_path, "D", dict(os.environ), None, 1)
+
+
+def test_the_pretraining_length_report(tmp_path):
+    """With snapshot arms the report plots Dice against the start's pretraining epoch, scratch as the
+    reference, and tables it beside the pretraining's losses at those epochs."""
+    out, name = tmp_path / "out", "Dataset981_Fake"
+    s = Settings(dataset_id=981, budgets=(2,), folds=2, methods=("scratch", "macl@encoder", "macl@encoder~1"),
+                 n_val=3, iters=5, finetune_epochs=2, pretrain_epochs=2, pretrain_extra="--keep-epochs 1")
+
+    def dice(t):  # scratch 70 / 71, the snapshot +1, the final start +3 (folds 0 / 1)
+        gain = 0.0 if t.method == "scratch" else (0.01 if t.arm.snapshot else 0.03)
+        return {"1": 0.7 + gain + 0.01 * t.fold}
+
+    plan, tasks = make_workdir(out, name, s, [f"case_{i}" for i in range(12)], {"structure": 1}, dice)
+    records.write_run_log(out, tasks)
+    pre = records.pretrain_folder(out, "macl", name, s)
+    pre.mkdir(parents=True)
+    torch.save({"logging": {"epoch": [1, 2], "Lg": [3.0, 2.0], "Lg_chance": [4.0, 4.0], "Ld": [2.5, 2.0],
+                            "LER": [0.1, 0.02]}, "macl": {"epochs": 2}}, pre / "checkpoint_final.pth")
+    result = rp.write_report(out)
+    md = (out / "report" / "fewlabel_table.md").read_text()
+    assert "snapshot at epoch E of the 2-epoch pretraining, not an E-epoch pretraining" in md
+    assert "| MACL (encoder only) | 1 | 2 | 71.50 ± 0.71 | +1.00 ± 0.00 | 0.750 | 2.500 | 0.1000 |" in md
+    assert "| MACL (encoder only) | 2 | 2 | 73.50 ± 0.71 | +3.00 ± 0.00 | 0.500 | 2.000 | 0.0200 |" in md
+    assert "| scratch | – | 2 | 70.50 ± 0.71 | (reference) |" in md
+    (plot,) = result["paths"]["pretraining_length"]
+    assert plot.endswith("fewlabel_pretraining_length_M2.png") and Path(plot).read_bytes()[:8] == PNG_MAGIC
+    plain = Settings(**{**s.to_dict(), "methods": ("scratch", "macl@encoder")})
+    assert rp.pretraining_length(out, name, plain, result["summary"], out / "report") == ([], "")
+
+
 # ------------------------------------------------------------------------------------------------ views
 def test_views_link_and_never_write_the_source(tmp_path):
     src = tmp_path / "pre" / "Dataset977_V"
@@ -770,18 +863,26 @@ def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(
     env = dict(os.environ)
     env.pop("MACL_PRETRAINED", None)
     args = [sys.executable, "-m", "nnunetv2_macl.run.fewlabel", "-d", str(one_class_dataset["id"]), "--val-cases", "4",
-            "--budgets", "1,2", "--folds", "1", "--methods", "scratch,macl@encoder", "--epochs", "2", "--iters", "2",
-            "--val-iters", "1", "--pretrain-epochs", "1", "--pretrain-batch-size", "8", "--pretrain-workers", "0",
-            "--pretrain-extra", "--lr 0.01", "--device", "cpu", "--procs", "1"]
+            "--budgets", "1,2", "--folds", "1", "--methods", "scratch,macl@encoder,macl@encoder~1", "--epochs", "2",
+            "--iters", "2", "--val-iters", "1", "--pretrain-epochs", "2", "--pretrain-batch-size", "8",
+            "--pretrain-workers", "0", "--pretrain-extra", "--lr 0.01 --keep-epochs 1", "--device", "cpu",
+            "--procs", "1"]
     p = subprocess.run(args, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = nnunet_env["results"] / one_class_dataset["name"] / "macl_fewlabel"
     result = json.loads((out / "report" / "fewlabel_result.json").read_text())
     assert sorted((r["arm"], r["budget"], r["n_train"], r["n_val"]) for r in result["runs"]) == [
-        ("macl_encoder", 1, 1, 4), ("macl_encoder", 2, 2, 4), ("scratch", 1, 1, 4), ("scratch", 2, 2, 4)]
+        ("macl_encoder", 1, 1, 4), ("macl_encoder", 2, 2, 4), ("macl_encoder_e1", 1, 1, 4),
+        ("macl_encoder_e1", 2, 2, 4), ("scratch", 1, 1, 4), ("scratch", 2, 2, 4)]
+    logs = out / "logs"                  # each start from its own checkpoint of the one pretraining
+    assert "checkpoint_epoch_1.pth" in (logs / "train_macl_encoder_e1_M1_f0.log").read_text()
+    assert "checkpoint_final.pth" in (logs / "train_macl_encoder_M1_f0.log").read_text()
+    assert "checkpoint_epoch_1.pth" not in (logs / "train_macl_encoder_M1_f0.log").read_text()
+    assert len(result["paths"]["pretraining_length"]) == 2
+    assert "| MACL (encoder only) | 1 | 1 |" in (out / "report" / "fewlabel_table.md").read_text()
     assert all(set(k[5:] for k in r if k.startswith("dice_")) == {"mean", "structure"} for r in result["runs"])
     assert "structure (%)" not in result["table_markdown"] and "one foreground class, structure" in result["caption"]
-    assert "`macl_pretrain --method <m> --lr 0.01`" in result["caption"]
+    assert "`macl_pretrain --method <m> --lr 0.01 --keep-epochs 1`" in result["caption"]
     pre = out / "results" / "macl" / one_class_dataset["name"] / "MACLPretrainer__nnUNetPlans__2d"
     ran = json.loads((pre / "macl_config.json").read_text())                # written by macl_pretrain itself
     assert ran["lr"] == 0.01
@@ -790,7 +891,7 @@ def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(
                        errors="replace", timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     again = json.loads((out / "report" / "fewlabel_result.json").read_text())
-    assert {r["status"] for r in again["run_log"]} == {"reused"} and len(again["runs"]) == 4
+    assert {r["status"] for r in again["run_log"]} == {"reused"} and len(again["runs"]) == 6
 
 
 def test_warmup_settings_reset_only_warmup_runs():

@@ -44,8 +44,15 @@ def results_root(out: Path, method: str) -> Path:
     return Path(out) / "results" / method
 
 
+def train_root(out: Path, arm: Arm) -> Path:
+    """``nnUNet_results`` of ``arm``'s trainings: its method's, or a folder of its own for a start from a
+    pretraining snapshot (the same trainer as the final start's, so nnU-Net's folders would collide)."""
+    root = results_root(out, arm.method)
+    return root if arm.snapshot is None else root / f"snapshot_epoch_{arm.snapshot}"
+
+
 def run_folder(out: Path, arm: Arm, dataset_name: str, index: int, s: Settings) -> Path:
-    return (results_root(out, arm.method) / dataset_name / f"{arm.trainer}__{s.plans}__{s.configuration}"
+    return (train_root(out, arm) / dataset_name / f"{arm.trainer}__{s.plans}__{s.configuration}"
             / f"fold_{int(index)}")
 
 
@@ -53,6 +60,14 @@ def pretrain_folder(out: Path, method: str, dataset_name: str, s: Settings) -> P
     from nnunetv2_macl.training.pretrainer import output_folder_name
 
     return results_root(out, method) / dataset_name / output_folder_name(s.plans, s.configuration)
+
+
+def start_checkpoint(out: Path, arm: Arm, dataset_name: str, s: Settings) -> Path:
+    """The pretraining checkpoint ``arm``'s trainings start from: the final one, or the kept snapshot."""
+    from nnunetv2_macl.training.pretrainer import kept_checkpoint_name
+
+    name = "checkpoint_final.pth" if arm.snapshot is None else kept_checkpoint_name(arm.snapshot)
+    return pretrain_folder(out, arm.method, dataset_name, s) / name
 
 
 # ============================================================================================ tasks
@@ -114,7 +129,9 @@ def task_fingerprint(task: Task, s: Settings, plan: dict, cases: list[str] | Non
         "iters": s.iters, "val_iters": s.val_iters, "batch_size": s.finetune_batch_size, "seed": s.seed,
         "warmup_epochs": s.warmup_epochs if warm else None, "warmup_peak_lr": s.warmup_peak_lr if warm else None,
         "train": entry["train"], "val": entry["val"],
-        "pretraining": pretrain_fingerprint(s, task.method, cases) if task.arm.pretrained else None})
+        "pretraining": pretrain_fingerprint(s, task.method, cases) if task.arm.pretrained else None,
+        # only when set: the fingerprints of the trainings from a final checkpoint stay what they were
+        **({"snapshot_epoch": task.arm.snapshot} if task.arm.snapshot is not None else {})})
 
 
 def _as_json(data: dict) -> dict:

@@ -23,7 +23,8 @@ from nnunetv2_macl.errors import FewLabelError, MACLUserError, StepError
 from nnunetv2_macl.fewlabel import curves
 from nnunetv2_macl.fewlabel.pretraining import split_extra
 from nnunetv2_macl.fewlabel.records import (MARKER, OK, TASK_FILE, Task, check_validation_cases, fingerprint_diff,
-                                            pretrain_cases, read_run_log, recorded_fingerprint, run_folder, say,
+                                            pretrain_cases, pretrain_folder, read_run_log, recorded_fingerprint,
+                                            run_folder, say,
                                             task_fingerprint, task_list)
 from nnunetv2_macl.fewlabel.settings import METHOD_LABELS, Arm, Settings
 from nnunetv2_macl.fewlabel.splits import read_splits, write_json
@@ -347,8 +348,9 @@ def write_report(out: str | os.PathLike, timings: dict | None = None) -> dict:
                 overlays.append(str(p))
     table = markdown_table(agg, classes if len(classes) > 1 else [])  # one class: its column is the mean's
     text = caption(s, info, plan, excluded, agg, classes)
+    length_plots, length_text = pretraining_length(out, info["dataset"], s, agg, report)
     md = report / "fewlabel_table.md"
-    md.write_text(f"{table}\n\n{text}\n\n{plateau_table(json.loads(curve_data.read_text()))}\n")
+    md.write_text(f"{table}\n\n{text}\n\n{plateau_table(json.loads(curve_data.read_text()))}\n{length_text}")
     previous = report / "fewlabel_result.json"
     old_timings = json.loads(previous.read_text()).get("timings", {}) if previous.is_file() else {}
     result = {
@@ -358,12 +360,33 @@ def write_report(out: str | os.PathLike, timings: dict | None = None) -> dict:
         "table_markdown": table, "caption": text,
         "paths": {"report": str(report), "runs_csv": str(runs_csv), "summary_csv": str(summary_csv),
                   "table_md": str(md), "plot": str(plot), "curves": curve_plots, "curves_json": str(curve_data),
-                  "overlays": overlays,
+                  "overlays": overlays, "pretraining_length": length_plots,
                   "splits_final": str(out / "views" / "finetune" / info["dataset"] / "splits_final.json"),
                   "result_json": str(report / "fewlabel_result.json")},
     }
     write_json(report / "fewlabel_result.json", result)
     return result
+
+
+def pretraining_length(out: Path, dataset_name: str, s: Settings, agg: list[dict], report: Path) -> tuple[list[str], str]:
+    """With snapshot arms (``macl@encoder~16``): per budget, ``fewlabel_pretraining_length_M<M>.png`` and its
+    table (returned as markdown, empty without such arms); the losses are those of the first such start's
+    pretraining."""
+    from nnunetv2_macl.fewlabel import pretraining_length as pl
+
+    arms = s.arms()
+    snap = [a for a in arms if a.snapshot is not None]
+    if not snap:
+        return [], ""
+    log = pl.pretraining_log(pretrain_folder(out, snap[0].method, dataset_name, s))
+    plots, parts = [], []
+    for b in s.budgets:
+        points, scratch = pl.length_points(agg, arms, s.pretrain_epochs, b), pl.scratch_reference(agg, b)
+        plots.append(str(pl.plot_dice_vs_pretraining_epochs(
+            points, scratch, log, b, s.pretrain_epochs, report / f"fewlabel_pretraining_length_M{b}.png",
+            f"{dataset_name}: pretraining length at M = {b} (snapshots of one {s.pretrain_epochs}-epoch run)")))
+        parts.append(pl.length_table(points, scratch, log, b, s.pretrain_epochs))
+    return plots, "\n" + "\n\n".join(parts) + "\n"
 
 
 def learning_curves(out: Path, dataset_name: str, s: Settings, plan: dict, run_log: list[dict],

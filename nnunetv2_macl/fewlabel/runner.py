@@ -19,6 +19,7 @@ from nnunetv2_macl.errors import FewLabelError, StepError
 from nnunetv2_macl.fewlabel.pretraining import pretrain_arguments
 from nnunetv2_macl.fewlabel.records import (MARKER, OK, RUN_LOG, TASK_FILE, Task, check_validation_cases,
                                             pretrain_cases, pretrain_folder, recorded_fingerprint, results_root, say,
+                                            start_checkpoint, train_root,
                                             task_fingerprint, task_folder, task_list, write_run_log)
 from nnunetv2_macl.fewlabel.report import write_report
 from nnunetv2_macl.fewlabel.settings import Settings, same_data, validate
@@ -101,7 +102,7 @@ def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: 
     from nnunetv2_macl.trainers.schedules import PEAK_LR_ENV, WARMUP_EPOCHS_ENV
 
     env = dict(env0)
-    env["nnUNet_results"] = str(results_root(out, task.method))
+    env["nnUNet_results"] = str(results_root(out, task.method) if task.kind == "pretrain" else train_root(out, task.arm))
     env["nnUNet_def_n_proc"] = env["nnUNet_n_proc_DA"] = str(procs)
     logs = out / "logs"
     folder = task_folder(task, out, name, s)
@@ -128,7 +129,12 @@ def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: 
                 PEAK_LR_ENV: "" if s.warmup_peak_lr is None else repr(float(s.warmup_peak_lr))})
     env.pop("MACL_PRETRAINED", None)
     if task.arm.pretrained:
-        env["MACL_PRETRAINED"] = str(pretrain_folder(out, task.method, name, s) / "checkpoint_final.pth")
+        start = start_checkpoint(out, task.arm, name, s)
+        if not start.is_file():  # a snapshot: the pretraining reused may predate its --keep-epochs
+            raise StepError(f"{task.arm.key}: {start} is not there: the pretraining in {start.parent} was made "
+                            f"without --keep-epochs {task.arm.snapshot} (which does not change its fingerprint, so "
+                            f"--resume reused it); remove that folder for --resume to pretrain again")
+        env["MACL_PRETRAINED"] = str(start)
     cmd = [find_executable("nnUNetv2_train"), str(s.dataset_id), s.configuration, str(task.index), "-tr",
            task.arm.trainer, "-p", s.plans, "-device", s.device] + (["--c"] if cont else [])
     tag = f"[{task.arm.key} M={task.budget} f{task.fold}]"

@@ -21,16 +21,19 @@ TRAINERS = {("scratch", "stock"): "nnUNetTrainerScratch_bench", ("scratch", "war
 @dataclass(frozen=True)
 class Arm:
     """One line of the table: a start (``method``) fine-tuned with a recipe (``stock``/``warmup``);
-    ``transfer="encoder"`` starts only the encoder from the pretraining."""
+    ``transfer="encoder"`` starts only the encoder from the pretraining; ``snapshot=E`` starts from the
+    pretraining's checkpoint kept at epoch E (``--keep-epochs``) instead of its final one."""
 
     method: str
     recipe: str
     transfer: str = "pretrained"
+    snapshot: int | None = None
 
     @property
     def key(self) -> str:
         key = self.method if self.recipe == "stock" else f"{self.method}_{self.recipe}"
-        return key if self.transfer == "pretrained" else f"{key}_{self.transfer}"
+        key = key if self.transfer == "pretrained" else f"{key}_{self.transfer}"
+        return key if self.snapshot is None else f"{key}_e{self.snapshot}"
 
     @property
     def label(self) -> str:
@@ -39,6 +42,8 @@ class Arm:
             extras.append("encoder only")
         elif self.method == "macl":  # MACL alone pretrains decoder stages: say that its row hands them over
             extras.append("paper transfer")
+        if self.snapshot is not None:
+            extras.append(f"pretraining epoch {self.snapshot}")
         name = METHOD_LABELS.get(self.method, self.method)
         return f"{name} ({', '.join(extras)})" if extras else name
 
@@ -53,10 +58,18 @@ class Arm:
 
 
 def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
-    """``scratch`` | ``macl`` | ``macl:warmup`` | ``scratch:warmup`` | ``macl@encoder`` ... A plain pretrained
-    method takes ``default_recipe``; plain ``scratch`` is always nnU-Net's stock recipe (what users compare
-    against). ``@encoder``: only the pretrained encoder is transferred."""
-    body, _, transfer = text.strip().partition("@")
+    """``scratch`` | ``macl`` | ``macl:warmup`` | ``scratch:warmup`` | ``macl@encoder`` | ``macl@encoder~16`` ...
+    A plain pretrained method takes ``default_recipe``; plain ``scratch`` is always nnU-Net's stock recipe
+    (what users compare against). ``@encoder``: only the pretrained encoder is transferred. ``~E`` (last):
+    the start is the pretraining's snapshot at epoch E, kept by ``--pretrain-extra "--keep-epochs E"``."""
+    rest, tilde, snap = text.strip().partition("~")
+    snapshot = None
+    if tilde:
+        if not snap.isdigit() or int(snap) < 1:
+            raise FewLabelError(f"{text!r}: ~E names a pretraining epoch (a positive number, written last, "
+                                f"e.g. macl@encoder~16), got {snap!r}")
+        snapshot = int(snap)
+    body, _, transfer = rest.partition("@")
     method, _, recipe = body.partition(":")
     transfer = transfer or "pretrained"
     if transfer not in TRANSFER_SCOPES:
@@ -66,10 +79,12 @@ def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
     if method not in METHODS:
         raise FewLabelError(f"unknown method {method!r} in {text!r} (methods: {', '.join(METHODS)}; a recipe "
                             f"is added as method:recipe, recipes: {', '.join(RECIPES)})")
+    if snapshot is not None and method not in PRETRAIN_METHODS:
+        raise FewLabelError(f"{text!r}: ~{snapshot} names a pretraining epoch, which {method} has none of")
     recipe = recipe or ("stock" if method == "scratch" else default_recipe)
     if recipe not in RECIPES:
         raise FewLabelError(f"unknown fine-tuning recipe {recipe!r} in {text!r} (recipes: {', '.join(RECIPES)})")
-    return Arm(method, recipe, transfer)
+    return Arm(method, recipe, transfer, snapshot)
 
 
 @dataclass
@@ -157,6 +172,16 @@ def validate(s: Settings) -> None:
         raise FewLabelError(f"warmup_epochs ({s.warmup_epochs}) must be below the {s.finetune_epochs} epochs")
     if s.warmup_peak_lr is not None and not s.warmup_peak_lr > 0:
         raise FewLabelError(f"warmup_peak_lr must be > 0, got {s.warmup_peak_lr}")
-    from nnunetv2_macl.fewlabel.pretraining import check_pretrain_extra  # imports macl_pretrain (torch)
+    from nnunetv2_macl.fewlabel.pretraining import check_pretrain_extra, pretrain_config  # macl_pretrain (torch)
 
     check_pretrain_extra(s)
+    for a in arms:
+        if a.snapshot is None:
+            continue
+        if a.snapshot >= s.pretrain_epochs:
+            raise FewLabelError(f"{a.key}: epoch {a.snapshot} is not a snapshot of a {s.pretrain_epochs}-epoch "
+                                f"pretraining (the last epoch's start is the arm without ~{a.snapshot})")
+        kept = pretrain_config(s, a.method).keep_epochs
+        if a.snapshot not in kept:
+            raise FewLabelError(f"{a.key}: the pretraining keeps no checkpoint of epoch {a.snapshot} (it keeps "
+                                f"{', '.join(map(str, kept)) or 'none'}): add it to --pretrain-extra \"--keep-epochs\"")

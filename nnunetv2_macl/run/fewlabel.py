@@ -46,7 +46,9 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
                    help="arms: scratch, macl, pcl, simclr, each optionally :stock or :warmup (e.g. macl:warmup) and, for "
                         "a pretrained method, @encoder to transfer its encoder only (e.g. macl@encoder, what "
                         "nnUNetTrainerMACL does; plain macl is the paper's hand-over with the decoder stages); "
-                        "plain scratch is nnU-Net's stock recipe, a plain pretrained method takes --recipe")
+                        "plain scratch is nnU-Net's stock recipe, a plain pretrained method takes --recipe; ~E last "
+                        "starts from the pretraining's snapshot at epoch E (e.g. macl@encoder~16, with "
+                        "--pretrain-extra \"--keep-epochs 16\"): the pretraining-length curve")
     g.add_argument("--recipe", choices=["stock", "warmup"], help="fine-tuning recipe of plain pretrained methods")
     g.add_argument("--val-cases", "--max-val-cases", dest="n_val", type=int, help="validation cases held out from every training set")
     g.add_argument("--split", choices=["heldout", "kfold"],
