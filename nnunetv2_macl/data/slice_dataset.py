@@ -19,26 +19,36 @@ from nnunetv2.training.dataloading.nnunet_dataset import (
 from nnunetv2_macl.errors import DatasetError
 
 
-def _open_image(dataset_class: type, folder: str, identifier: str):
-    """Open only the image array of a case (memory-mapped where the layout allows)."""
+def open_case_array(dataset_class: type, folder: str, identifier: str, part: str = "data"):
+    """Open one array of a case: its image (``part="data"``) or its labels (``"seg"``), memory-mapped where
+    the layout allows. Never the ``.pkl`` properties (nnU-Net's ``load_case`` would unpickle them)."""
+    if part not in ("data", "seg"):
+        raise ValueError(f"part must be 'data' or 'seg', got {part!r}")
+    name = identifier if part == "data" else identifier + "_seg"
     try:
         if dataset_class is nnUNetDatasetBlosc2:
             import blosc2
             blosc2.set_nthreads(1)
             kwargs = {} if os.name == "nt" else {"mmap_mode": "r"}
-            return blosc2.open(urlpath=os.path.join(folder, identifier + ".b2nd"), mode="r",
+            return blosc2.open(urlpath=os.path.join(folder, name + ".b2nd"), mode="r",
                                dparams={"nthreads": 1}, **kwargs)
         if dataset_class is nnUNetDatasetNumpy:
-            npy = os.path.join(folder, identifier + ".npy")
+            npy = os.path.join(folder, name + ".npy")
             if os.path.isfile(npy):
                 return np.load(npy, mmap_mode="r")
             with np.load(os.path.join(folder, identifier + ".npz"), allow_pickle=False) as f:
-                return f["data"]
+                return f[part]
     except Exception as e:  # noqa: BLE001 - blosc2/numpy raise many types for unreadable files
         msg = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise DatasetError(f"Cannot read preprocessed case {identifier!r} in {folder} ({type(e).__name__}: "
+        what = "" if part == "data" else " (labels)"
+        raise DatasetError(f"Cannot read preprocessed case {identifier!r}{what} in {folder} ({type(e).__name__}: "
                            f"{msg[:200]}); rerun nnU-Net's preprocessing for this dataset") from None
     raise DatasetError(f"Unsupported nnU-Net dataset class {dataset_class.__name__}")
+
+
+def _open_image(dataset_class: type, folder: str, identifier: str):
+    """Open only the image array of a case (memory-mapped where the layout allows)."""
+    return open_case_array(dataset_class, folder, identifier, "data")
 
 
 def list_cases(folder: str) -> tuple[type, list[str]]:

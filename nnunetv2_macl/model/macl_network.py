@@ -112,6 +112,20 @@ def pretrained_prefixes(decoder_blocks: int) -> list[str]:
     return prefixes
 
 
+def decoder_stage_outputs(network: nn.Module, skips: Sequence[torch.Tensor], num_stages: int) -> list[torch.Tensor]:
+    """The outputs of decoder stages 0..num_stages-1 of nnU-Net's UNetDecoder on the encoder outputs
+    ``skips`` (transposed convolution, concatenation [upsampled, skip], stage), as its forward computes them."""
+    decoder = _unwrap(network).decoder
+    x = skips[-1]
+    outputs = []
+    for s in range(num_stages):
+        x = decoder.transpconvs[s](x)
+        x = torch.cat((x, skips[-(s + 2)]), 1)
+        x = decoder.stages[s](x)
+        outputs.append(x)
+    return outputs
+
+
 class MACLNetwork(nn.Module):
     """Wraps an nnU-Net segmentation network into the MACL dominant/auxiliary structure.
 
@@ -182,13 +196,8 @@ class MACLNetwork(nn.Module):
 
     def partial_decode(self, skips: Sequence[torch.Tensor]) -> torch.Tensor:
         """Run the first N decoder stages (with their transposed convolutions and skips)."""
-        decoder = self.network.decoder
-        x = skips[-1]
-        for s in range(self.decoder_blocks):
-            x = decoder.transpconvs[s](x)
-            x = torch.cat((x, skips[-(s + 2)]), 1)
-            x = decoder.stages[s](x)
-        return x
+        outputs = decoder_stage_outputs(self.network, skips, self.decoder_blocks)
+        return outputs[-1] if outputs else skips[-1]
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
         return downsample(x, self.scale)
