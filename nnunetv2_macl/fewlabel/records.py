@@ -123,7 +123,8 @@ def task_fingerprint(task: Task, s: Settings, plan: dict, cases: list[str] | Non
     if task.kind == "pretrain":
         return _as_json(pretrain_fingerprint(s, task.method, cases))
     entry = plan["splits"][task.index]
-    warm = task.arm.recipe == "warmup"  # the warm-up knobs shape warm-up runs only: trying one keeps the stock runs
+    warm = task.arm.recipe in ("warmup", "protect")  # the knobs shape their recipe's runs only: the stock runs stay
+    protect = task.arm.recipe == "protect"
     return _as_json({
         "version": nnunetv2_macl.__version__, "trainer": task.arm.trainer, "epochs": s.finetune_epochs,
         "iters": s.iters, "val_iters": s.val_iters, "batch_size": s.finetune_batch_size, "seed": s.seed,
@@ -131,7 +132,8 @@ def task_fingerprint(task: Task, s: Settings, plan: dict, cases: list[str] | Non
         "train": entry["train"], "val": entry["val"],
         "pretraining": pretrain_fingerprint(s, task.method, cases) if task.arm.pretrained else None,
         # only when set: the fingerprints of the trainings from a final checkpoint stay what they were
-        **({"snapshot_epoch": task.arm.snapshot} if task.arm.snapshot is not None else {})})
+        **({"snapshot_epoch": task.arm.snapshot} if task.arm.snapshot is not None else {}),
+        **({"freeze_epochs": s.freeze_epochs, "pretrained_lr_factor": s.pretrained_lr_factor} if protect else {})})
 
 
 def _as_json(data: dict) -> dict:

@@ -291,9 +291,15 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
 def _recipe_text(recipe: str, s: Settings) -> str:
     if recipe == "stock":
         return "stock = nnU-Net's SGD lr 1e-2, poly decay"
-    from nnunetv2_macl.trainers.schedules import WARMUP_FRACTION, WARMUP_PEAK_LR
+    from nnunetv2_macl.trainers.schedules import FREEZE_FRACTION, PROTECT_PEAK_LR, WARMUP_FRACTION, WARMUP_PEAK_LR
 
     w = s.warmup_epochs or max(1, round(WARMUP_FRACTION * s.finetune_epochs))
+    if recipe == "protect":
+        f = round(FREEZE_FRACTION * s.finetune_epochs) if s.freeze_epochs is None else s.freeze_epochs
+        factor = 1.0 if s.pretrained_lr_factor is None else s.pretrained_lr_factor
+        return (f"protect = pretrained parts frozen for {f} epoch(s) while the new parts warm up to lr "
+                f"{s.warmup_peak_lr or PROTECT_PEAK_LR:g}, then all parts warm up over {w} epoch(s), then poly decay"
+                + (f"; pretrained lr x {factor:g}" if factor != 1.0 else ""))
     return f"warmup = linear warm-up over {w} epoch(s) to lr {s.warmup_peak_lr or WARMUP_PEAK_LR:g}, then poly decay"
 
 

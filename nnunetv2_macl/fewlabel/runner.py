@@ -99,7 +99,8 @@ def processes_per_job(jobs: int) -> int:
 def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: float | None, procs: int) -> None:
     from nnunetv2_macl.trainers.benchmark_trainers import (BENCH_BATCH_ENV, BENCH_EPOCHS_ENV, BENCH_ITERS_ENV,
                                                            BENCH_SAVE_EVERY_ENV, BENCH_SEED_ENV, BENCH_VAL_ITERS_ENV)
-    from nnunetv2_macl.trainers.schedules import PEAK_LR_ENV, WARMUP_EPOCHS_ENV
+    from nnunetv2_macl.trainers.schedules import (FREEZE_EPOCHS_ENV, PEAK_LR_ENV, PRETRAINED_LR_FACTOR_ENV,
+                                                  WARMUP_EPOCHS_ENV)
 
     env = dict(env0)
     env["nnUNet_results"] = str(results_root(out, task.method) if task.kind == "pretrain" else train_root(out, task.arm))
@@ -126,7 +127,9 @@ def execute(task: Task, s: Settings, out: Path, name: str, env0: dict, timeout: 
                 BENCH_SAVE_EVERY_ENV: str(s.save_every),
                 BENCH_BATCH_ENV: "" if s.finetune_batch_size is None else str(s.finetune_batch_size),
                 WARMUP_EPOCHS_ENV: "" if s.warmup_epochs is None else str(s.warmup_epochs),
-                PEAK_LR_ENV: "" if s.warmup_peak_lr is None else repr(float(s.warmup_peak_lr))})
+                PEAK_LR_ENV: "" if s.warmup_peak_lr is None else repr(float(s.warmup_peak_lr)),
+                FREEZE_EPOCHS_ENV: "" if s.freeze_epochs is None else str(s.freeze_epochs),
+                PRETRAINED_LR_FACTOR_ENV: "" if s.pretrained_lr_factor is None else repr(float(s.pretrained_lr_factor))})
     env.pop("MACL_PRETRAINED", None)
     if task.arm.pretrained:
         start = start_checkpoint(out, task.arm, name, s)

@@ -15,7 +15,9 @@ METHOD_LABELS = {"scratch": "scratch", "macl": "MACL", "pcl": "PCL", "simclr": "
 TRAINERS = {("scratch", "stock"): "nnUNetTrainerScratch_bench", ("scratch", "warmup"): "nnUNetTrainerScratch_warmup_bench",
             ("pretrained", "stock"): "nnUNetTrainerMACL_bench", ("pretrained", "warmup"): "nnUNetTrainerMACL_warmup_bench",
             ("encoder", "stock"): "nnUNetTrainerMACL_encoder_bench",
-            ("encoder", "warmup"): "nnUNetTrainerMACL_warmup_encoder_bench"}
+            ("encoder", "warmup"): "nnUNetTrainerMACL_warmup_encoder_bench",
+            ("pretrained", "protect"): "nnUNetTrainerMACL_protect_bench",
+            ("encoder", "protect"): "nnUNetTrainerMACL_protect_encoder_bench"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
     recipe = recipe or ("stock" if method == "scratch" else default_recipe)
     if recipe not in RECIPES:
         raise FewLabelError(f"unknown fine-tuning recipe {recipe!r} in {text!r} (recipes: {', '.join(RECIPES)})")
+    if recipe == "protect" and method not in PRETRAIN_METHODS:
+        raise FewLabelError(f"{text!r}: the protect recipe freezes the pretrained parts first, and a {method} start "
+                            f"has none (scratch takes stock or warmup)")
     return Arm(method, recipe, transfer, snapshot)
 
 
@@ -110,7 +115,9 @@ class Settings:
     val_iters: int = 1
     finetune_batch_size: int | None = None       # None: the plans' batch size (stock nnU-Net)
     warmup_epochs: int | None = None             # warm-up recipe: None = 5 % of the epochs
-    warmup_peak_lr: float | None = None          # warm-up recipe: None = 1e-3
+    warmup_peak_lr: float | None = None          # warm-up recipe: None = 1e-3; protect recipe: None = 1e-2
+    freeze_epochs: int | None = None             # protect recipe: None = 15 % of the epochs (0: no freeze)
+    pretrained_lr_factor: float | None = None    # protect recipe: lr of the pretrained parts x this (None = 1)
     save_every: int = 5                          # nnU-Net checkpoint every K epochs (resume granularity)
     device: str = "cpu"
     jobs: int = 1
@@ -172,6 +179,11 @@ def validate(s: Settings) -> None:
         raise FewLabelError(f"warmup_epochs ({s.warmup_epochs}) must be below the {s.finetune_epochs} epochs")
     if s.warmup_peak_lr is not None and not s.warmup_peak_lr > 0:
         raise FewLabelError(f"warmup_peak_lr must be > 0, got {s.warmup_peak_lr}")
+    if s.freeze_epochs is not None and not 0 <= s.freeze_epochs < s.finetune_epochs - (s.warmup_epochs or 1):
+        raise FewLabelError(f"freeze_epochs ({s.freeze_epochs}) must be >= 0 and leave warm-up and decay epochs of the "
+                            f"{s.finetune_epochs}")
+    if s.pretrained_lr_factor is not None and not s.pretrained_lr_factor > 0:
+        raise FewLabelError(f"pretrained_lr_factor must be > 0, got {s.pretrained_lr_factor}")
     from nnunetv2_macl.fewlabel.pretraining import check_pretrain_extra, pretrain_config  # macl_pretrain (torch)
 
     check_pretrain_extra(s)

@@ -49,7 +49,7 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
                         "plain scratch is nnU-Net's stock recipe, a plain pretrained method takes --recipe; ~E last "
                         "starts from the pretraining's snapshot at epoch E (e.g. macl@encoder~16, with "
                         "--pretrain-extra \"--keep-epochs 16\"): the pretraining-length curve")
-    g.add_argument("--recipe", choices=["stock", "warmup"], help="fine-tuning recipe of plain pretrained methods")
+    g.add_argument("--recipe", choices=["stock", "warmup", "protect"], help="fine-tuning recipe of plain pretrained methods")
     g.add_argument("--val-cases", "--max-val-cases", dest="n_val", type=int, help="validation cases held out from every training set")
     g.add_argument("--split", choices=["heldout", "kfold"],
                    help="heldout (default: one fixed validation set) or kfold (earlier benchmark: fold f validates on "
@@ -73,7 +73,13 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", "--finetune-batch-size", dest="finetune_batch_size", type=int,
                    help="fine-tuning batch size (default: the plans', stock nnU-Net)")
     s.add_argument("--warmup-epochs", type=int, help="warm-up recipe: epochs of linear warm-up (default 5 %%)")
-    s.add_argument("--warmup-peak-lr", type=float, help="warm-up recipe: peak learning rate (default 1e-3)")
+    s.add_argument("--warmup-peak-lr", type=float,
+                   help="warm-up and protect recipes: peak learning rate (default 1e-3 warm-up, 1e-2 protect)")
+    s.add_argument("--freeze-epochs", type=int,
+                   help="protect recipe: epochs with the pretrained parts frozen while the new parts warm up "
+                        "(default 15 %%; 0 = none)")
+    s.add_argument("--pretrained-lr-factor", type=float,
+                   help="protect recipe: learning rate of the pretrained parts x this factor (default 1)")
     s.add_argument("--save-every", type=int, help="nnU-Net checkpoint every K epochs (what --resume continues from)")
     r = p.add_argument_group("running")
     r.add_argument("--device", choices=["cpu", "cuda"])
@@ -90,7 +96,8 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
 
 _FIELDS = ("budgets", "folds", "methods", "recipe", "n_val", "split", "n_splits", "pretrain_on_all", "seed",
            "pretrain_epochs", "pretrain_batch_size", "pretrain_workers", "pretrain_extra", "finetune_epochs", "iters",
-           "val_iters", "finetune_batch_size", "warmup_epochs", "warmup_peak_lr", "save_every", "device", "jobs",
+           "val_iters", "finetune_batch_size", "warmup_epochs", "warmup_peak_lr", "freeze_epochs",
+           "pretrained_lr_factor", "save_every", "device", "jobs",
            "procs", "deadline_min", "hard_deadline_min", "overlay_cases")
 
 

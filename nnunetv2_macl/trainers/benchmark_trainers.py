@@ -30,7 +30,10 @@ variable                    default  meaning
 
 Recipes: ``nnUNetTrainerMACL_bench`` / ``nnUNetTrainerScratch_bench`` use nnU-Net's stock recipe,
 ``nnUNetTrainerMACL_warmup_bench`` / ``nnUNetTrainerScratch_warmup_bench`` the warm-up recipe of
-:mod:`nnunetv2_macl.trainers.schedules` (``MACL_FT_PEAK_LR``, ``MACL_FT_WARMUP_EPOCHS``).
+:mod:`nnunetv2_macl.trainers.schedules` (``MACL_FT_PEAK_LR``, ``MACL_FT_WARMUP_EPOCHS``),
+``nnUNetTrainerMACL_protect_bench`` / ``_protect_encoder_bench`` its protect recipe (pretrained parts frozen
+first; ``MACL_FT_FREEZE_EPOCHS``, ``MACL_FT_PRETRAINED_LR_FACTOR`` besides the two above; no scratch
+counterpart: a scratch start has nothing to protect).
 
 Seeding: stock nnU-Net trainings are not seeded. Here the training process is, so scratch and MACL runs
 start from the same random initialisation of every part that is not pretrained (with the same seed the
@@ -150,5 +153,17 @@ class nnUNetTrainerMACL_encoder_bench(nnUNetTrainerMACL_bench):
 
 class nnUNetTrainerMACL_warmup_encoder_bench(nnUNetTrainerMACL_warmup_bench):
     """:class:`nnUNetTrainerMACL_warmup_bench` transferring the encoder only."""
+
+    macl_transfer_scope = "encoder"
+
+
+class nnUNetTrainerMACL_protect_bench(nnUNetTrainerMACL_bench):
+    """:class:`nnUNetTrainerMACL_bench` (encoder and pretrained decoder stages) with the protect recipe."""
+
+    finetune_recipe = "protect"
+
+
+class nnUNetTrainerMACL_protect_encoder_bench(nnUNetTrainerMACL_protect_bench):
+    """:class:`nnUNetTrainerMACL_protect_bench` transferring the encoder only."""
 
     macl_transfer_scope = "encoder"

@@ -77,7 +77,7 @@ import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin
+from nnunetv2_macl.trainers.schedules import NAMES_KEY, PRETRAINED, ROLE_KEY, FinetuneRecipeMixin
 from nnunetv2_macl.transfer.find_checkpoint import CheckpointChoice, choose_default_checkpoint
 from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
@@ -146,8 +146,8 @@ def paper_optimizers(trainer: nnUNetTrainer):
 class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
     """nnU-Net's trainer, initialised from a MACL-pretrained encoder (see module doc and ``macl_transfer_scope``)."""
 
-    #: ``stock`` or ``warmup`` (:mod:`nnunetv2_macl.trainers.schedules`); variants ``nnUNetTrainerMACL_stock``
-    #: and ``nnUNetTrainerMACL_warmup`` (``recipe_trainers.py``) fix either
+    #: ``stock``, ``warmup`` or ``protect`` (:mod:`nnunetv2_macl.trainers.schedules`); variants
+    #: ``nnUNetTrainerMACL_stock``, ``_warmup`` and ``_protect`` (``recipe_trainers.py``) fix one
     finetune_recipe = "stock"
 
     #: refuse a checkpoint when fewer than this fraction of the encoder's tensors fit
@@ -249,7 +249,11 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
-        self.apply_macl_pretrained_weights()  # before the data loaders start: fail fast
+        report = self.apply_macl_pretrained_weights()  # before the data loaders start: fail fast
+        if self.finetune_recipe == "protect" and report is not None:
+            # which parameters are pretrained is known now: the optimiser gets its two groups
+            params = {n for n, _ in unwrap_network(self.network).named_parameters()}
+            self.rebuild_optimizer(params.intersection(report.loaded))
         super().on_train_start()
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
@@ -281,6 +285,10 @@ class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
         mod.load_state_dict(new_state_dict)
+        saved_groups = checkpoint["optimizer_state"]["param_groups"]
+        pretrained = [g.get(NAMES_KEY, []) for g in saved_groups if g.get(ROLE_KEY) == PRETRAINED]
+        if self.finetune_recipe == "protect" and pretrained:  # the protect recipe's groups, as they were saved
+            self.rebuild_optimizer(pretrained[0])
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])

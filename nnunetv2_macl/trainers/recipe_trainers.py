@@ -5,6 +5,8 @@
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerScratch_warmup  # random start, warm-up recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only (today's default)
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer  # encoder + pretrained decoder stages
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_protect  # the same, protect recipe
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_protect    # MACL encoder, protect recipe
 
 ``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
 stock recipe is nnU-Net's own ``nnUNetTrainer``. nnU-Net imports this file by path and returns the
@@ -40,6 +42,19 @@ class nnUNetTrainerMACL_encoder(_macl_trainer_module.nnUNetTrainerMACL):
 class nnUNetTrainerMACL_paperTransfer(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL start as the paper hands it over: the encoder and the pretrained decoder stages (stock recipe)."""
 
+    macl_transfer_scope = "pretrained"
+
+
+class nnUNetTrainerMACL_protect(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL encoder start, protect recipe: pretrained parts frozen while the new ones warm up, then all of it."""
+
+    finetune_recipe = "protect"
+
+
+class nnUNetTrainerMACL_paperTransfer_protect(_macl_trainer_module.nnUNetTrainerMACL):
+    """The paper's hand-over (encoder and pretrained decoder stages) with the protect recipe (issue 29)."""
+
+    finetune_recipe = "protect"
     macl_transfer_scope = "pretrained"
 
 
