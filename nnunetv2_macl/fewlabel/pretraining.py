@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 # may continue on another machine); global_negatives: multi-GPU only, the protocol pretrains in one process.
 NOT_SHAPING = ("num_workers", "save_every", "keep_epochs", "amp", "compile", "channels_last", "global_negatives")
 
+# Switches added after runs were recorded, each with the fields it governs: while the switch is off, the
+# pretraining computes exactly what it did before the switch existed (no extra random draws, no extra
+# parameters), so the governed fields are left out and the recorded fingerprints stay valid.
+OFF_SWITCHES = {"recon_weight": (0.0, ("recon_weight", "mask_ratio", "mask_block"))}
+
 # macl_pretrain options the protocol sets itself: --pretrain-extra may not override them (the caption,
 # the views and --resume rely on them); dest -> (option, what to do instead or why)
 PROTOCOL_OPTIONS = {
@@ -114,5 +119,11 @@ def pretrain_config(s: "Settings", method: str) -> "MACLConfig":
 
 def config_fingerprint(s: "Settings", method: str) -> dict:
     """Every field of the resolved configuration (``MACLConfig.to_dict``, i.e. its dataclass fields: a field
-    added to MACLConfig is in it without a change here) except :data:`NOT_SHAPING`."""
-    return {k: v for k, v in pretrain_config(s, method).to_dict().items() if k not in NOT_SHAPING}
+    added to MACLConfig is in it without a change here) except :data:`NOT_SHAPING` and the fields of a switch
+    of :data:`OFF_SWITCHES` that is off."""
+    config = pretrain_config(s, method).to_dict()
+    left_out = set(NOT_SHAPING)
+    for switch, (off, fields) in OFF_SWITCHES.items():
+        if config[switch] == off:
+            left_out.update(fields)
+    return {k: v for k, v in config.items() if k not in left_out}

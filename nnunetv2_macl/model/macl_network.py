@@ -104,6 +104,13 @@ def fitting_crop_size(network: nn.Module, decoder_blocks: int, patch_size: Seque
     return crop
 
 
+def reconstruction_stride(network: nn.Module, decoder_blocks: int) -> list[int]:
+    """Per-axis stride (input pixels per cell) of decoder stage N's output on a full-resolution input:
+    the product of the strides of encoder stages 0 .. n_stages - 1 - N."""
+    strides = encoder_strides(network)
+    return [int(v) for v in np.prod(np.array(strides[:len(strides) - decoder_blocks]), axis=0)]
+
+
 def pretrained_prefixes(decoder_blocks: int) -> list[str]:
     """State-dict key prefixes trained by MACL (handed to fine-tuning)."""
     prefixes = ["encoder.", "decoder.encoder."]  # UNetDecoder keeps a reference to the encoder
@@ -142,12 +149,15 @@ class MACLNetwork(nn.Module):
             needs both branches to feed it the same channels (N = 0 or Z^g from the encoder).
         dense_head: Z^l = g_pix(d_N(...)) with a dominant pixel projector (``DenseProjector``) instead of
             the decoder output itself (the paper).
+        reconstruction_head: a 1x1 convolution from decoder stage N's output to the input channels, for the
+            masked reconstruction term (:mod:`nnunetv2_macl.losses.masked_reconstruction`); needs N >= 1.
     """
 
     def __init__(self, network: nn.Module, decoder_blocks: int = 2, projection_dim: int = 128,
                  global_through_decoder: bool = True, encoder_mode: str = "shared",
                  ema_momentum: float = 0.99, global_pooling: str = "max",
-                 shared_global_head: bool = False, dense_head: bool = False) -> None:
+                 shared_global_head: bool = False, dense_head: bool = False,
+                 reconstruction_head: bool = False) -> None:
         super().__init__()
         if encoder_mode not in ENCODER_MODES:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {encoder_mode!r}")
@@ -186,6 +196,13 @@ class MACLNetwork(nn.Module):
                                                    encoder.norm_op, encoder.norm_op_kwargs)
         self.pixel_head_dominant = (DenseProjector(dense_channels, encoder.conv_op, encoder.norm_op,
                                                    encoder.norm_op_kwargs) if dense_head else None)
+        if reconstruction_head and decoder_blocks < 1:
+            raise ValueError("the reconstruction head sits on decoder stage N: it needs decoder_blocks >= 1")
+        # the input's channels: those of the encoder's first convolution (the stem's, for residual encoders)
+        input_channels = next(m for m in encoder.modules() if isinstance(m, encoder.conv_op)).in_channels
+        self.reconstruction_head = (encoder.conv_op(dense_channels, int(input_channels), 1)
+                                    if reconstruction_head else None)
+        self.reconstruction_stride = reconstruction_stride(network, decoder_blocks)
 
     # -- pieces -------------------------------------------------------------------------------
     def _aux_global_head(self) -> InstanceProjector:
@@ -215,12 +232,15 @@ class MACLNetwork(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, i1: torch.Tensor, v1: torch.Tensor, i2: torch.Tensor, v2: torch.Tensor,
-                need: Iterable[str] = ("global", "dense", "equivariance")) -> dict[str, torch.Tensor]:
+                need: Iterable[str] = ("global", "dense", "equivariance"),
+                masked: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Compute the projections the enabled losses need.
 
         i1/i2: T_fix views (N, C, *S) of the dominant/auxiliary branch; v1/v2: T_var views.
-        need: subset of {"global", "dense", "equivariance", "descriptors"}; "descriptors" (with
-            "global") adds the pooled image-level descriptors before the MLPs (diagnostics).
+        need: subset of {"global", "dense", "equivariance", "descriptors", "reconstruction"}; "descriptors"
+            (with "global") adds the pooled image-level descriptors before the MLPs (diagnostics);
+            "reconstruction" runs ``masked`` (the full-resolution fixed view with cells masked) through the
+            encoder, the first N decoder stages and the reconstruction head (key "reconstruction").
         Returns a dict with keys global_dominant/global_auxiliary (N, D), dense_dominant/
         dense_auxiliary (N, C_D, *s), bottleneck_dominant/bottleneck_auxiliary,
         descriptor_dominant/descriptor_auxiliary (N, C), as needed.
@@ -254,6 +274,12 @@ class MACLNetwork(nn.Module):
                 var_skips = [s[k:] for s in skips]
                 feats = self.partial_decode(var_skips) if self.global_through_decoder else var_skips[-1]
                 self._project_global(self.global_head_dominant, feats, "dominant", need, out)
+
+        if "reconstruction" in need:
+            if self.reconstruction_head is None or masked is None:
+                raise ValueError("reconstruction needs a network built with reconstruction_head=True and a masked input")
+            decoded = self.partial_decode(encoder(masked))
+            out["reconstruction"] = self.reconstruction_head(decoded)
 
         # auxiliary branch
         aux_inputs = []

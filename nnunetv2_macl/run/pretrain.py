@@ -279,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ler-all-cells", action="store_true",
                    help="LER over every bottleneck cell, padding included (the paper's loss, whose crops have no "
                         "padding; before 0.3). Default: the cells that are mostly padding are left out, as in Ld")
+    g.add_argument("--recon-weight", type=float, default=d.recon_weight,
+                   help="weight of a masked reconstruction term through the N decoder stages, on the full-resolution "
+                        "view (beyond the paper; default 0 = off)")
+    g.add_argument("--mask-ratio", type=float, default=d.mask_ratio,
+                   help="--recon-weight: share of the blocks masked (default 0.6)")
+    g.add_argument("--mask-block", type=int, default=d.mask_block,
+                   help="--recon-weight: mask block edge in pixels, a multiple of decoder stage N's stride (default 8)")
     g.add_argument("--encoder", dest="encoder_mode", default=d.encoder_mode,
                    choices=["shared", "independent", "ema"], help="auxiliary-branch encoder")
     g.add_argument("--two-stage", action="store_true", help="Lg on the encoder first, then Ld with it frozen")
@@ -316,6 +323,7 @@ def config_from_args(args: argparse.Namespace) -> MACLConfig:
         loss_weights=tuple(args.lambdas), dense_form=args.dense_form, dense_contrast=args.dense_contrast,
         dense_locations=args.dense_locations, dense_slice_positives=args.dense_slice_positives,
         dense_head=args.dense_head, ler_content_mask=not args.ler_all_cells, encoder_mode=args.encoder_mode,
+        recon_weight=args.recon_weight, mask_ratio=args.mask_ratio, mask_block=args.mask_block,
         two_stage=args.two_stage, global_through_decoder=not args.global_on_encoder,
         global_pooling=args.global_pooling,
         intensity_augmentation=args.intensity_aug, crop_size=args.crop_size,

@@ -35,6 +35,10 @@ class MACLConfig:
     dense_slice_positives: bool = False  # "locations": the same cell of nearby slices is positive too
     dense_head: bool = False  # a pixel projector on the dominant decoder output (the paper has none)
     ler_content_mask: bool = True  # LER over the bottleneck cells that are content (Ld's rule); False: all
+    # masked reconstruction through the N decoder stages (losses/masked_reconstruction.py), added to L_MLC
+    recon_weight: float = 0.0  # 0 = off (the paper's objective)
+    mask_ratio: float = 0.6  # share of the mask blocks set to 0
+    mask_block: int = 8  # block edge in input pixels, a multiple of the reconstruction grid's stride
     positives: str = "position"  # "instance" = SimCLR positives (other view only)
     encoder_mode: str = "shared"
     ema_momentum: float = 0.99
@@ -123,5 +127,17 @@ def validate(cfg: MACLConfig) -> None:
     bad_keep = [e for e in cfg.keep_epochs if not 1 <= int(e) <= cfg.epochs]
     if bad_keep:
         raise ConfigError(f"--keep-epochs must list epochs between 1 and --epochs ({cfg.epochs}), got {bad_keep}")
+    if cfg.recon_weight < 0:
+        raise ConfigError(f"--recon-weight must be >= 0, got {cfg.recon_weight}")
+    if cfg.recon_weight > 0:
+        if cfg.decoder_blocks < 1:
+            raise ConfigError("--recon-weight reconstructs through the pretrained decoder stages: it needs "
+                              f"--decoder-blocks >= 1 (method {cfg.method} has {cfg.decoder_blocks})")
+        if cfg.two_stage:
+            raise ConfigError("--recon-weight is not combined with --two-stage")
+        if not 0 < cfg.mask_ratio < 1:
+            raise ConfigError(f"--mask-ratio must be in (0, 1), got {cfg.mask_ratio}")
+        if cfg.mask_block < 1:
+            raise ConfigError(f"--mask-block must be >= 1, got {cfg.mask_block}")
     if cfg.two_stage and cfg.epochs < 2:
         raise ConfigError("--two-stage needs at least 2 epochs (half per stage)")

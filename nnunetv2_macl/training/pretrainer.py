@@ -26,6 +26,8 @@ from nnunetv2_macl.data.multi_dataset import MultiSourceDataset, datasets_file, 
 from nnunetv2_macl.data.slice_dataset import (
     DatasetError, PretrainPatchDataset, PretrainSliceDataset)
 from nnunetv2_macl.losses import MultiLevelContrastiveLoss
+from nnunetv2_macl.losses.masked_reconstruction import (
+    apply_cell_mask, check_mask_geometry, masked_reconstruction_loss, random_block_mask)
 from nnunetv2_macl.model.macl_network import (
     MACLNetwork, crop_problems, fitting_crop_size, pretrained_prefixes, required_divisor)
 from nnunetv2_macl.training.checkpoint import TMP_PREFIX, CheckpointError, load_checkpoint, save_checkpoint_atomic
@@ -41,7 +43,9 @@ from nnunetv2_macl.errors import NonFiniteLossError
 PRETRAINER_NAME = "MACLPretrainer"
 # per-epoch values in self.logging (and the checkpoint): losses, lr, time, and the collapse diagnostics
 LOGGED_KEYS = ("epoch", "Lg", "Ld", "LER", "total", "lr", "epoch_time", "Lg_chance", "cos_descriptor",
-               "cos_projection", "bottleneck_abs")
+               "cos_projection", "bottleneck_abs", "Lrec", "Lrec_ref")
+CONTRASTIVE_NAMES = ("Lg", "Ld", "LER", "total")  # per-step values of L_MLC (total includes Lrec when on)
+RECONSTRUCTION_NAMES = ("Lrec", "Lrec_ref")  # --recon-weight: the term and its reference (predicting 0)
 
 
 def kept_checkpoint_name(epoch: int) -> str:
@@ -218,11 +222,18 @@ class MACLPretrainer:
                                 encoder_mode=cfg.encoder_mode, ema_momentum=cfg.ema_momentum,
                                 global_pooling=cfg.global_pooling,
                                 shared_global_head=cfg.shared_global_head,
-                                dense_head=cfg.dense_head).to(self.device)
+                                dense_head=cfg.dense_head,
+                                reconstruction_head=cfg.recon_weight > 0).to(self.device)
         if self.world_size > 1 and cfg.global_negatives:
             # the heads' BatchNorm must see the batch the loss contrasts: the global one
             use_global_batchnorm(self.macl)
         self.crop_size = self.determine_crop_size()
+        if cfg.recon_weight > 0:
+            problems = check_mask_geometry(self.crop_size, self.macl.reconstruction_stride, cfg.mask_block,
+                                           cfg.mask_ratio)
+            if problems:
+                raise ConfigError(f"--mask-block {cfg.mask_block} does not fit the crop {self.crop_size} "
+                                  f"(reconstruction grid stride {self.macl.reconstruction_stride}): " + "; ".join(problems))
         self.loss = MultiLevelContrastiveLoss(cfg.loss_weights, cfg.threshold, cfg.tau, cfg.positives,
                                               cfg.dense_form, cfg.base_temperature, cfg.dense_contrast,
                                               cfg.dense_locations, cfg.dense_slice_positives,
@@ -331,6 +342,14 @@ class MACLPretrainer:
         names = ("global", "dense", "equivariance")
         return tuple(n for n, w in zip(names, weights) if w > 0)
 
+    @property
+    def reconstructs(self) -> bool:
+        return self.config.recon_weight > 0
+
+    def step_names(self) -> tuple[str, ...]:
+        """The per-step values a step returns and an epoch averages."""
+        return CONTRASTIVE_NAMES + (RECONSTRUCTION_NAMES if self.reconstructs else ())
+
     # -- logging ------------------------------------------------------------------------------
     def print_to_log_file(self, *args: Any, also_print_to_console: bool = True) -> None:
         if not self.is_main:
@@ -418,9 +437,17 @@ class MACLPretrainer:
             i1 = i2 = images
             if self.intensity_transform is not None:
                 i1, i2, v1, v2 = (self.intensity_transform(t, generator=self.aug_generator) for t in (i1, i2, v1, v2))
+            masked = mask = None
+            if self.reconstructs:  # drawn after the views: with the term off the random stream is unchanged
+                mask = random_block_mask(i1.shape[0], i1.shape[2:], self.macl.reconstruction_stride,
+                                         self.config.mask_block, self.config.mask_ratio, generator=self.aug_generator)
+                masked = apply_cell_mask(i1, mask)
+                need = need + ("reconstruction",)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            outputs = self.train_module(i1, v1, i2, v2, need=need)
+            outputs = self.train_module(i1, v1, i2, v2, need=need, masked=masked)
+        reconstruction = outputs.pop("reconstruction", None)  # a per-sample loss: never gathered
+        local_content = content
         outputs = {k: self.gather(v) for k, v in outputs.items()} if self.world_size > 1 else outputs
         if self.world_size > 1 and self.config.global_negatives:
             positions = self.gather(positions)
@@ -428,6 +455,10 @@ class MACLPretrainer:
         self.contrast_samples = 2 * int(positions.shape[0])  # what Lg's SupCon actually contrasts
         total, components = self.loss(outputs, positions, content)
         components = {k: v for k, v in components.items()}
+        if reconstruction is not None:
+            lrec, reference = masked_reconstruction_loss(reconstruction, i1, mask, local_content)
+            total = total + self.config.recon_weight * lrec
+            components["Lrec"], components["Lrec_ref"] = lrec.detach(), reference
         components["total"] = total.detach()
         self.check_finite(components)
         if self.grad_scaler is not None:
@@ -450,7 +481,7 @@ class MACLPretrainer:
         return all_gather_with_grad(t)
 
     def check_finite(self, components: dict[str, torch.Tensor]) -> None:
-        names = ("Lg", "Ld", "LER", "total")
+        names = self.step_names()
         # the step's one host sync; run_training logs these values instead of syncing again
         values = torch.stack([components[k].float() for k in names]).tolist()
         self.last_step_losses = dict(zip(names, values))
@@ -472,11 +503,11 @@ class MACLPretrainer:
 
     def on_epoch_end(self, sums: dict[str, float], n: int) -> None:
         epoch_time = time.time() - self.epoch_start_time
-        means = {k: sums[k] / max(n, 1) for k in ("Lg", "Ld", "LER", "total")}
+        means = {k: sums[k] / max(n, 1) for k in self.step_names()}
         lr = self.optimizer.param_groups[0]["lr"]
         self.logging["epoch"].append(self.current_epoch)
-        for k, v in means.items():
-            self.logging[k].append(v)
+        for k in CONTRASTIVE_NAMES + RECONSTRUCTION_NAMES:
+            self.logging[k].append(means.get(k, float("nan")))
         self.logging["lr"].append(lr)
         self.logging["epoch_time"].append(epoch_time)
         chance = self.lg_chance()
@@ -485,6 +516,11 @@ class MACLPretrainer:
             f"Epoch {self.current_epoch + 1}/{self.config.epochs}: total {means['total']:.4f} | Lg {means['Lg']:.4f} "
             f"| Ld {means['Ld']:.4f} | LER {means['LER']:.4f} | lr {lr:.5f} | {epoch_time:.1f} s")
         weighted = {k: w * means[k] for k, w in zip(("Lg", "Ld", "LER"), self.loss.weights) if w > 0}
+        if self.reconstructs:
+            weighted["Lrec"] = self.config.recon_weight * means["Lrec"]
+            ref = means["Lrec_ref"]
+            self.print_to_log_file(f"  Lrec {means['Lrec']:.4f} against {ref:.4f} for predicting the mean (ratio "
+                                   f"{means['Lrec'] / ref if ref > 0 else float('nan'):.3f}; a learning term is below 1)")
         if len(weighted) > 1 and means["total"] > 0:
             self.print_to_log_file("  shares of the total: " + ", ".join(
                 f"{k} {v / means['total']:.1%}" for k, v in weighted.items()))
@@ -556,7 +592,7 @@ class MACLPretrainer:
         while self.current_epoch < self.config.epochs:
             self.on_epoch_start()
             self.train_module.train()
-            sums = {k: 0.0 for k in ("Lg", "Ld", "LER", "total")}
+            sums = {k: 0.0 for k in self.step_names()}
             n = 0
             bar = tqdm(self.dataloader, desc=f"epoch {self.current_epoch + 1}/{self.config.epochs}",
                        disable=not self.is_main, leave=False, file=sys.stderr, mininterval=1.0)
