@@ -531,15 +531,17 @@ def _fingerprints(**settings) -> dict[str, dict]:
 
 
 def test_fingerprints_hold_the_version_and_the_resolved_pretraining(monkeypatch):
-    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING
+    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING, OFF_SWITCHES
     from nnunetv2_macl.training.config import MACLConfig
 
     fps = _fingerprints()
     fields = {f.name for f in dataclasses.fields(MACLConfig)}
-    assert set(NOT_SHAPING) <= fields                     # a renamed field would not be left out any more: notice
+    switched = {f for _, governed in OFF_SWITCHES.values() for f in governed}
+    assert set(NOT_SHAPING) | switched <= fields           # a renamed field would not be left out any more: notice
+    assert all(getattr(MACLConfig(), k) == off for k, (off, _) in OFF_SWITCHES.items())  # off by default
     macl, pcl, scratch = fps["train:macl_encoder:M2:f0"], fps["pretrain:pcl"], fps["train:scratch:M2:f0"]
     assert macl["version"] == macl["pretraining"]["version"] == scratch["version"] == nnunetv2_macl.__version__
-    assert set(pcl["config"]) == set(macl["pretraining"]["config"]) == fields - set(NOT_SHAPING)
+    assert set(pcl["config"]) == set(macl["pretraining"]["config"]) == fields - set(NOT_SHAPING) - switched
     assert scratch["pretraining"] is None
     assert (pcl["config"]["method"], pcl["config"]["decoder_blocks"]) == ("pcl", 0)     # method switches resolved
     assert macl["pretraining"]["config"]["decoder_blocks"] == MACLConfig().decoder_blocks
@@ -584,7 +586,7 @@ def test_a_changed_pretraining_default_or_a_new_config_field_changes_the_fingerp
 
 def test_the_pretraining_that_runs_is_the_one_fingerprinted(monkeypatch, tmp_path):
     """The runner's macl_pretrain command, parsed as macl_pretrain parses it, gives the recorded config."""
-    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING
+    from nnunetv2_macl.fewlabel.pretraining import shaping_part
     from nnunetv2_macl.run.pretrain import build_parser, config_from_args
     from nnunetv2_macl.training.config import resolve_method
 
@@ -614,7 +616,7 @@ def test_the_pretraining_that_runs_is_the_one_fingerprinted(monkeypatch, tmp_pat
     assert ran["num_workers"] == 3                                          # ran with it, not fingerprinted
     recorded = records.recorded_fingerprint(folder)
     assert recorded == task.extra["fingerprint"]
-    assert recorded["config"] == {k: v for k, v in ran.items() if k not in NOT_SHAPING}
+    assert recorded["config"] == shaping_part(ran) and "num_workers" not in recorded["config"]
 
 
 def test_report_refuses_runs_made_with_other_settings(fake_out, monkeypatch):
@@ -858,7 +860,7 @@ def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(
     """``macl_fewlabel`` on a one-class dataset: 4 held-out cases, M in {1, 2}, scratch and MACL (encoder only)
     pretrained with ``--pretrain-extra "--lr 0.01"``; macl_pretrain ran with the configuration the fingerprint
     holds, and --resume reuses everything."""
-    from nnunetv2_macl.fewlabel.pretraining import NOT_SHAPING
+    from nnunetv2_macl.fewlabel.pretraining import shaping_part
 
     env = dict(os.environ)
     env.pop("MACL_PRETRAINED", None)
@@ -886,7 +888,7 @@ def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(
     pre = out / "results" / "macl" / one_class_dataset["name"] / "MACLPretrainer__nnUNetPlans__2d"
     ran = json.loads((pre / "macl_config.json").read_text())                # written by macl_pretrain itself
     assert ran["lr"] == 0.01
-    assert records.recorded_fingerprint(pre)["config"] == {k: v for k, v in ran.items() if k not in NOT_SHAPING}
+    assert records.recorded_fingerprint(pre)["config"] == shaping_part(ran)
     p = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, encoding="utf-8",
                        errors="replace", timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -121,7 +121,11 @@ def config_fingerprint(s: "Settings", method: str) -> dict:
     """Every field of the resolved configuration (``MACLConfig.to_dict``, i.e. its dataclass fields: a field
     added to MACLConfig is in it without a change here) except :data:`NOT_SHAPING` and the fields of a switch
     of :data:`OFF_SWITCHES` that is off."""
-    config = pretrain_config(s, method).to_dict()
+    return shaping_part(pretrain_config(s, method).to_dict())
+
+
+def shaping_part(config: dict) -> dict:
+    """The fields of a resolved configuration (``MACLConfig.to_dict``) that shape the pretrained weights."""
     left_out = set(NOT_SHAPING)
     for switch, (off, fields) in OFF_SWITCHES.items():
         if config[switch] == off:

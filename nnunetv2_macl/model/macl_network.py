@@ -198,10 +198,11 @@ class MACLNetwork(nn.Module):
                                                    encoder.norm_op_kwargs) if dense_head else None)
         if reconstruction_head and decoder_blocks < 1:
             raise ValueError("the reconstruction head sits on decoder stage N: it needs decoder_blocks >= 1")
-        # the input's channels: those of the encoder's first convolution (the stem's, for residual encoders)
-        input_channels = next(m for m in encoder.modules() if isinstance(m, encoder.conv_op)).in_channels
-        self.reconstruction_head = (encoder.conv_op(dense_channels, int(input_channels), 1)
-                                    if reconstruction_head else None)
+        self.reconstruction_head = None
+        if reconstruction_head:
+            # the input's channels: those of the encoder's first convolution (the stem's, for residual encoders)
+            input_channels = next(m for m in encoder.modules() if isinstance(m, encoder.conv_op)).in_channels
+            self.reconstruction_head = encoder.conv_op(dense_channels, int(input_channels), 1)
         self.reconstruction_stride = reconstruction_stride(network, decoder_blocks)
 
     # -- pieces -------------------------------------------------------------------------------

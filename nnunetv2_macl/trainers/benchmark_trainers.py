@@ -55,6 +55,7 @@ import torch
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as _nnunet_trainer_module
 import nnunetv2_macl.trainers.nnUNetTrainerMACL as _macl_trainer_module
+from nnunetv2_macl.trainers.checkpointing import AtomicCheckpointMixin as _AtomicCheckpointMixin
 from nnunetv2_macl.trainers.env_schedule import EnvScheduleMixin as _EnvScheduleMixin
 from nnunetv2_macl.trainers.env_schedule import int_from_env as _int_from_env
 from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin as _FinetuneRecipeMixin
@@ -80,8 +81,9 @@ def bench_batch_size() -> int | None:
     return _int_from_env(BENCH_BATCH_ENV, 0, 1)
 
 
-class _BenchSchedule(_EnvScheduleMixin):
-    """The benchmark schedule plus a seeded process and an optional forced batch size."""
+class _BenchSchedule(_AtomicCheckpointMixin, _EnvScheduleMixin):
+    """The benchmark schedule plus a seeded process, an optional forced batch size and checkpoints written
+    atomically (a run cut by a session's end continues with ``--c``)."""
 
     schedule_env = DEFAULT_BENCH_SCHEDULE
     schedule_label = "few-label benchmark schedule"

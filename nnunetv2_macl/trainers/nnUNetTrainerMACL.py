@@ -77,6 +77,7 @@ import torch
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_macl.trainers.checkpointing import AtomicCheckpointMixin
 from nnunetv2_macl.trainers.schedules import NAMES_KEY, PRETRAINED, ROLE_KEY, FinetuneRecipeMixin
 from nnunetv2_macl.transfer.find_checkpoint import CheckpointChoice, choose_default_checkpoint
 from nnunetv2_macl.transfer.identity import citation_text
@@ -143,7 +144,7 @@ def paper_optimizers(trainer: nnUNetTrainer):
     return optimizer, scheduler
 
 
-class nnUNetTrainerMACL(FinetuneRecipeMixin, nnUNetTrainer):
+class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTrainer):
     """nnU-Net's trainer, initialised from a MACL-pretrained encoder (see module doc and ``macl_transfer_scope``)."""
 
     #: ``stock``, ``warmup`` or ``protect`` (:mod:`nnunetv2_macl.trainers.schedules`); variants
