@@ -172,7 +172,8 @@ def test_stock_preprocess_and_train_accept_it(ds, tmp_path):
     env = dict(os.environ, nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", nnUNet_results=str(tmp_path),
                nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer")), PYTHONWARNINGS="ignore",
                MACL_DEMO_EPOCHS="1", MACL_DEMO_TRAIN_ITERS="2", MACL_DEMO_VAL_ITERS="1")
-    run = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    run = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+               timeout=600)
     p = subprocess.run([str(BIN / "nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-c", "2d_cpu", "-np", "1"], **run)
     assert p.returncode == 0, p.stdout[-3000:]
     folder = ds["plans_file"].parent / "nnUNetPlans_2d_cpu"
