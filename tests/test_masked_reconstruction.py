@@ -21,7 +21,7 @@ from test_resume import common_args, make_small_dataset
 from test_transfer import build_network
 
 # dataset ids of this file (each test file keeps its own: one nnU-Net folder tree serves the whole session)
-# 961-963
+# 921-923
 
 
 # ------------------------------------------------------------------------------------------------ masks
@@ -125,8 +125,8 @@ def test_fingerprint_holds_the_reconstruction_fields_only_when_the_term_is_on():
 
 # ------------------------------------------------------------------------------------------------ pretraining
 def test_pretraining_with_reconstruction_logs_it_against_its_reference(nnunet_env, tiny_dataset, capsys):
-    ds = make_small_dataset(nnunet_env, tiny_dataset, 961)
-    assert main([*common_args(961, 2), "--recon-weight", "1", "--mask-block", "8", "--crop-size", "32,32"]) == 0
+    ds = make_small_dataset(nnunet_env, tiny_dataset, 921)
+    assert main([*common_args(921, 2), "--recon-weight", "1", "--mask-block", "8", "--crop-size", "32,32"]) == 0
     ckpt = load_checkpoint(str(ds["output"] / "checkpoint_final.pth"))
     log = ckpt["logging"]
     assert len(log["Lrec"]) == len(log["Lrec_ref"]) == 2
@@ -136,14 +136,14 @@ def test_pretraining_with_reconstruction_logs_it_against_its_reference(nnunet_en
     printed = capsys.readouterr().out
     assert printed.count("for predicting the mean (ratio") == 2 and "Lrec" in printed
     # the term off: nothing of it in the run (no head, no values), the shares as before
-    ds = make_small_dataset(nnunet_env, tiny_dataset, 962)
-    assert main([*common_args(962, 1), "--crop-size", "32,32"]) == 0
+    ds = make_small_dataset(nnunet_env, tiny_dataset, 922)
+    assert main([*common_args(922, 1), "--crop-size", "32,32"]) == 0
     plain = load_checkpoint(str(ds["output"] / "checkpoint_final.pth"))
     assert not any(k.startswith("reconstruction_head.") for k in plain["heads"])
     assert all(math.isnan(v) for v in plain["logging"]["Lrec"])
     # a block that does not fit the reconstruction grid: a one-line error before anything is written
     capsys.readouterr()
-    ds = make_small_dataset(nnunet_env, tiny_dataset, 963)
-    assert main([*common_args(963, 1), "--recon-weight", "1", "--mask-block", "6", "--crop-size", "32,32"]) == 2
+    ds = make_small_dataset(nnunet_env, tiny_dataset, 923)
+    assert main([*common_args(923, 1), "--recon-weight", "1", "--mask-block", "6", "--crop-size", "32,32"]) == 2
     assert "--mask-block 6 does not fit" in capsys.readouterr().err
     assert not ds["output"].exists()

@@ -103,7 +103,7 @@ def test_two_epoch_pretraining_without_labels(tiny_dataset, nnunet_env):
 @pytest.mark.e2e
 @pytest.mark.parametrize("method", ["pcl", "simclr"])
 def test_baseline_methods_run_and_record_method(tiny_dataset, nnunet_env, method):
-    name = make_unlabeled_copy(tiny_dataset, Path(nnunet_env["preprocessed"]), 993 if method == "pcl" else 994, 2)
+    name = make_unlabeled_copy(tiny_dataset, Path(nnunet_env["preprocessed"]), 995 if method == "pcl" else 996, 2)
     proc = run_cli(["-d", name, "--device", "cpu", "--epochs", "1", "--batch-size", "8", "--num-workers", "0",
                     "--method", method])
     assert proc.returncode == 0, proc.stderr[-3000:]
