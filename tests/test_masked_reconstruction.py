@@ -135,12 +135,14 @@ def test_pretraining_with_reconstruction_logs_it_against_its_reference(nnunet_en
     assert ckpt["macl"]["config"]["recon_weight"] == 1.0
     printed = capsys.readouterr().out
     assert printed.count("for predicting the mean (ratio") == 2 and "Lrec" in printed
+    assert "Lrec weight 1.0 (mask ratio 0.6, blocks of 8 px)" in printed  # the run's header names the term
     # the term off: nothing of it in the run (no head, no values), the shares as before
     ds = make_small_dataset(nnunet_env, tiny_dataset, 922)
     assert main([*common_args(922, 1), "--crop-size", "32,32"]) == 0
     plain = load_checkpoint(str(ds["output"] / "checkpoint_final.pth"))
     assert not any(k.startswith("reconstruction_head.") for k in plain["heads"])
     assert all(math.isnan(v) for v in plain["logging"]["Lrec"])
+    assert "Lrec weight" not in capsys.readouterr().out
     # a block that does not fit the reconstruction grid: a one-line error before anything is written
     capsys.readouterr()
     ds = make_small_dataset(nnunet_env, tiny_dataset, 923)

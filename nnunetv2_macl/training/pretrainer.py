@@ -383,7 +383,10 @@ class MACLPretrainer:
                 f"MACL pretraining ({cfg.method}) of {self.configuration_manager.network_arch_class_name} on "
                 f"{self.dataset_name} / {self.configuration_name}: {len(self.dataset)} samples per epoch, "
                 f"crop {self.crop_size}, N = {cfg.decoder_blocks} decoder blocks, lambda = {self.macl.scale}, "
-                f"weights (Lg, Ld, LER) = {tuple(cfg.loss_weights)}, t = {cfg.threshold}, tau = {cfg.tau}, "
+                f"weights (Lg, Ld, LER) = {tuple(cfg.loss_weights)}, "
+                + (f"Lrec weight {cfg.recon_weight} (mask ratio {cfg.mask_ratio}, blocks of {cfg.mask_block} px), "
+                   if cfg.recon_weight > 0 else "")
+                + f"t = {cfg.threshold}, tau = {cfg.tau}, "
                 f"batch {cfg.batch_size}, lr {cfg.lr}, {cfg.epochs} epochs, device {self.device}"
                 + (f", autocast {self.amp_dtype}" if self.amp_dtype else ""))
             with open(os.path.join(self.output_folder, "macl_config.json"), "w") as f:
