@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.splits import SCHEMES
-from nnunetv2_macl.trainers.schedules import RECIPES
+from nnunetv2_macl.trainers.schedules import PRETRAINED_ONLY_RECIPES, RECIPES
 from nnunetv2_macl.transfer.load_pretrained import TRANSFER_SCOPES
 
 METHODS = ("scratch", "macl", "pcl", "simclr")
@@ -17,7 +17,9 @@ TRAINERS = {("scratch", "stock"): "nnUNetTrainerScratch_bench", ("scratch", "war
             ("encoder", "stock"): "nnUNetTrainerMACL_encoder_bench",
             ("encoder", "warmup"): "nnUNetTrainerMACL_warmup_encoder_bench",
             ("pretrained", "protect"): "nnUNetTrainerMACL_protect_bench",
-            ("encoder", "protect"): "nnUNetTrainerMACL_protect_encoder_bench"}
+            ("encoder", "protect"): "nnUNetTrainerMACL_protect_encoder_bench",
+            ("pretrained", "rescale"): "nnUNetTrainerMACL_rescale_bench",
+            ("encoder", "rescale"): "nnUNetTrainerMACL_rescale_encoder_bench"}
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,9 @@ def parse_arm(text: str, default_recipe: str = "stock") -> Arm:
     recipe = recipe or ("stock" if method == "scratch" else default_recipe)
     if recipe not in RECIPES:
         raise FewLabelError(f"unknown fine-tuning recipe {recipe!r} in {text!r} (recipes: {', '.join(RECIPES)})")
-    if recipe == "protect" and method not in PRETRAIN_METHODS:
-        raise FewLabelError(f"{text!r}: the protect recipe freezes the pretrained parts first, and a {method} start "
+    if recipe in PRETRAINED_ONLY_RECIPES and method not in PRETRAIN_METHODS:
+        what = {"protect": "freezes the pretrained parts first", "rescale": "rescales the pretrained filters"}[recipe]
+        raise FewLabelError(f"{text!r}: the {recipe} recipe {what}, and a {method} start "
                             f"has none (scratch takes stock or warmup)")
     return Arm(method, recipe, transfer, snapshot)
 

@@ -33,7 +33,8 @@ Recipes: ``nnUNetTrainerMACL_bench`` / ``nnUNetTrainerScratch_bench`` use nnU-Ne
 :mod:`nnunetv2_macl.trainers.schedules` (``MACL_FT_PEAK_LR``, ``MACL_FT_WARMUP_EPOCHS``),
 ``nnUNetTrainerMACL_protect_bench`` / ``_protect_encoder_bench`` its protect recipe (pretrained parts frozen
 first; ``MACL_FT_FREEZE_EPOCHS``, ``MACL_FT_PRETRAINED_LR_FACTOR`` besides the two above; no scratch
-counterpart: a scratch start has nothing to protect).
+counterpart: a scratch start has nothing to protect), ``nnUNetTrainerMACL_rescale_bench`` /
+``_rescale_encoder_bench`` its rescale recipe (pretrained filters at nnU-Net's initial norm).
 
 Seeding: stock nnU-Net trainings are not seeded. Here the training process is, so scratch and MACL runs
 start from the same random initialisation of every part that is not pretrained (with the same seed the
@@ -167,5 +168,17 @@ class nnUNetTrainerMACL_protect_bench(nnUNetTrainerMACL_bench):
 
 class nnUNetTrainerMACL_protect_encoder_bench(nnUNetTrainerMACL_protect_bench):
     """:class:`nnUNetTrainerMACL_protect_bench` transferring the encoder only."""
+
+    macl_transfer_scope = "encoder"
+
+
+class nnUNetTrainerMACL_rescale_bench(nnUNetTrainerMACL_bench):
+    """:class:`nnUNetTrainerMACL_bench` (encoder and pretrained decoder stages) with the rescale recipe."""
+
+    finetune_recipe = "rescale"
+
+
+class nnUNetTrainerMACL_rescale_encoder_bench(nnUNetTrainerMACL_rescale_bench):
+    """:class:`nnUNetTrainerMACL_rescale_bench` transferring the encoder only."""
 
     macl_transfer_scope = "encoder"

@@ -84,6 +84,7 @@ from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
     PRETRAINED_REPORT_ATTR,
     PRETRAINED_SOURCE_ATTR,
+    RESCALE_FILTERS_ATTR,
     TRANSFER_SCOPE_ATTR,
     TransferReport,
     install_safe_nnunet_pretrained_loader,
@@ -229,7 +230,8 @@ class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTraine
         checkpoint = load_weights_only(path)
         meta = checkpoint.get("macl") if isinstance(checkpoint.get("macl"), dict) else None
         report = transfer_pretrained_weights(self.network, checkpoint, min_fraction=self.macl_min_fraction,
-                                             log=None, scope=self.macl_transfer_scope)
+                                             log=None, scope=self.macl_transfer_scope,
+                                             rescale_filters=self.finetune_recipe == "rescale")
         report.source = path
         report.notes.extend(self._macl_metadata_notes(meta))
         self.print_to_log_file(report.summary())
@@ -246,6 +248,7 @@ class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTraine
         super().initialize()
         # -pretrained_weights reaches our loader with the network only: it carries the hand-over
         setattr(unwrap_network(self.network), TRANSFER_SCOPE_ATTR, self.macl_transfer_scope)
+        setattr(unwrap_network(self.network), RESCALE_FILTERS_ATTR, self.finetune_recipe == "rescale")
 
     def on_train_start(self):
         if not self.was_initialized:

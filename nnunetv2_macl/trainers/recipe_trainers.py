@@ -7,6 +7,8 @@
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer  # encoder + pretrained decoder stages
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_protect  # the same, protect recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_protect    # MACL encoder, protect recipe
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_rescale    # MACL encoder, filters at nnU-Net's init norm
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_rescale  # the hand-over, rescale recipe
 
 ``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
 stock recipe is nnU-Net's own ``nnUNetTrainer``. nnU-Net imports this file by path and returns the
@@ -55,6 +57,19 @@ class nnUNetTrainerMACL_paperTransfer_protect(_macl_trainer_module.nnUNetTrainer
     """The paper's hand-over (encoder and pretrained decoder stages) with the protect recipe (issue 29)."""
 
     finetune_recipe = "protect"
+    macl_transfer_scope = "pretrained"
+
+
+class nnUNetTrainerMACL_rescale(_macl_trainer_module.nnUNetTrainerMACL):
+    """MACL encoder start, rescale recipe: pretrained filters at nnU-Net's initial norm, stock optimiser."""
+
+    finetune_recipe = "rescale"
+
+
+class nnUNetTrainerMACL_paperTransfer_rescale(_macl_trainer_module.nnUNetTrainerMACL):
+    """The paper's hand-over with the rescale recipe."""
+
+    finetune_recipe = "rescale"
     macl_transfer_scope = "pretrained"
 
 

@@ -23,6 +23,12 @@
            ``MACL_FT_PRETRAINED_LR_FACTOR``. Which parameters are pretrained is known only after the transfer
            (at training start), so the trainer rebuilds the optimiser then; each group stores its role and
            parameter names, so ``--c`` rebuilds the same groups from the checkpoint.
+``rescale`` nnU-Net's stock optimiser and schedule, on pretrained filters brought back to the norm of nnU-Net's
+           initialisation at the transfer (``transfer_pretrained_weights(rescale_filters=True)``): the filters
+           that an InstanceNorm follows grow during pretraining (encoder 1.3-3.1 x, decoder stages 1.2-1.7 x
+           after 2 Hippocampus epochs), which leaves the function unchanged but divides their gradients by that
+           factor, i.e. fine-tunes them at a fraction of the learning rate. Rescaling keeps the function and
+           gives the pretrained filters nnU-Net's own effective learning rate.
 
 The scheduler is stateless in the epoch (``step(current_epoch)`` as nnU-Net's ``PolyLRScheduler``), so a
 training resumed with ``--c`` continues on the same curve. A trainer picks its recipe with the class
@@ -37,7 +43,9 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2_macl.transfer.load_pretrained import unwrap_network
 
-RECIPES = ("stock", "warmup", "protect")
+RECIPES = ("stock", "warmup", "protect", "rescale")
+#: recipes that act on the pretrained parts (a scratch start has none)
+PRETRAINED_ONLY_RECIPES = ("protect", "rescale")
 WARMUP_PEAK_LR = 1e-3
 PROTECT_PEAK_LR = 1e-2
 WARMUP_FRACTION = 0.05
@@ -187,7 +195,7 @@ class FinetuneRecipeMixin:
         if self.finetune_recipe not in RECIPES:
             raise ValueError(f"{type(self).__name__}.finetune_recipe must be one of {RECIPES}, "
                              f"got {self.finetune_recipe!r}")
-        if self.finetune_recipe == "stock":
+        if self.finetune_recipe in ("stock", "rescale"):  # rescale acts at the transfer, not on the optimiser
             return super().configure_optimizers()
         if self.finetune_recipe == "protect":
             peak, freeze, warmup, factor = protect_settings(self.num_epochs)
@@ -210,6 +218,9 @@ class FinetuneRecipeMixin:
         if self.finetune_recipe == "stock":
             return (f"fine-tuning recipe: stock (nnU-Net's SGD, lr {self.initial_lr:g}, poly decay over "
                     f"{self.num_epochs} epochs)")
+        if self.finetune_recipe == "rescale":
+            return (f"fine-tuning recipe: rescale (pretrained filters at nnU-Net's initial norm; nnU-Net's SGD, lr "
+                    f"{self.initial_lr:g}, poly decay over {self.num_epochs} epochs)")
         if self.finetune_recipe == "protect":
             peak, freeze, warmup, factor = protect_settings(self.num_epochs)
             n = len(self.macl_pretrained_names)

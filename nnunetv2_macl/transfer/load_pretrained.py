@@ -504,8 +504,32 @@ def _adapt(value: torch.Tensor, target: torch.Tensor, is_first_conv: bool,
     return w, "; ".join(steps)
 
 
+def normalised_convolutions(mod: nn.Module) -> dict[str, str | None]:
+    """Weight key -> bias key (None without bias) of every convolution whose output an InstanceNorm normalises
+    next (nnU-Net's ``ConvDropoutNormReLU``: ``.conv``, optional dropout, ``.norm``; also with the LeakyReLU
+    first, which is positively homogeneous). Scaling such a convolution's filter k and its bias k by c > 0
+    changes nothing downstream: the norm divides the channel by its own spread (up to its eps)."""
+    out: dict[str, str | None] = {}
+    for name, m in mod.named_modules():
+        conv, norm = getattr(m, "conv", None), getattr(m, "norm", None)
+        if isinstance(conv, nn.modules.conv._ConvNd) and not isinstance(conv, nn.modules.conv._ConvTransposeNd) \
+                and isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+            prefix = f"{name}.conv." if name else "conv."
+            out[prefix + "weight"] = prefix + "bias" if conv.bias is not None else None
+    return out
+
+
+def rescale_to_initial_filter_norm(value: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
+    """Per output filter, the factor that brings ``value``'s filter to the RMS filter norm of ``initial`` (the
+    layer at nnU-Net's initialisation); shape ``[out_channels]``."""
+    flat = value.detach().flatten(1).float()
+    target = initial.detach().flatten(1).float().norm(dim=1).pow(2).mean().sqrt()
+    return (target / flat.norm(dim=1).clamp_min(1e-12)).to(value.dtype)
+
+
 def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_fraction: float = 0.5,
-                                log: Callable[..., object] | None = print, scope: str = "pretrained") -> TransferReport:
+                                log: Callable[..., object] | None = print, scope: str = "pretrained",
+                                rescale_filters: bool = False) -> TransferReport:
     """Copy the pretrained tensors of ``checkpoint`` into ``network`` (in place) and report what happened.
 
     ``checkpoint``: a path (read with ``weights_only=True``) or an already loaded dict (a MACL or nnU-Net
@@ -515,6 +539,11 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     keys. ``log`` (e.g. ``trainer.print_to_log_file``) receives the report summary; None to stay quiet.
     ``scope``: ``"pretrained"`` copies every tensor the checkpoint pretrained, ``"encoder"`` only the encoder's
     (:data:`TRANSFER_SCOPES`; the decoder stages then keep the network's initialisation).
+    ``rescale_filters``: every loaded convolution that an InstanceNorm follows gets each filter (and its bias)
+    scaled to the RMS filter norm of the network's own initialisation of that layer. The network computes
+    the same function (the norm removes the scale), but a filter's gradient shrinks as its norm grows, so
+    filters that grew during pretraining would otherwise fine-tune at a fraction of the learning rate
+    (issue 29: the handed-over decoder stage got 0.04 x the encoder-only start's gradient).
     """
     if scope not in TRANSFER_SCOPES:
         raise ValueError(f"transfer scope must be one of {TRANSFER_SCOPES}, got {scope!r}")
@@ -549,7 +578,7 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     if first_conv is not None and in_pre is None:
         in_pre = int(weights[first_conv].shape[1])
 
-    to_copy: list[tuple[torch.Tensor, torch.Tensor]] = []
+    to_copy: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     counterparts: set[str] = set()  # checkpoint keys some network tensor maps to
     mismatches: list[str] = []  # human-readable, encoder first
     enc_keys = [c for c, names in groups.items() if any(n.startswith(ENCODER_PREFIX) for n in names)]
@@ -621,7 +650,7 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             how = (f"{'' if how == 'taken' else how + '; '}input channels {skip_channels}..{2 * skip_channels - 1} "
                    f"(the encoder skip) taken, channels 0..{skip_channels - 1} (the output of "
                    f"decoder.transpconvs.{upsampler}) kept at initialisation ({REASON_ROLE}: {role_change})")
-        to_copy.append((target, value))
+        to_copy.append((canon, target, value))
         report.loaded.append(canon)
         if how != "taken" or renamed:
             report.adapted[canon] = how + renamed
@@ -664,13 +693,47 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             f"feature widths (for another dataset: nnUNetv2_move_plans_between_datasets) or choose another "
             f"checkpoint. Refusing to continue instead of silently training from scratch.")
 
+    if rescale_filters:
+        to_copy = _rescaled_to_initial_norms(mod, groups, to_copy, report)
     with torch.no_grad():
-        for target, value in to_copy:
+        for _, target, value in to_copy:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     if log is not None:
         log(report.summary())
     return report
+
+
+def _rescaled_to_initial_norms(mod: nn.Module, groups: dict[str, list[str]],
+                               to_copy: list[tuple[str, torch.Tensor, torch.Tensor]],
+                               report: TransferReport) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``to_copy`` with every normalised convolution's filters (and biases) at the initial RMS filter norm;
+    one note in ``report`` with how many layers and the spread of the factors."""
+    canon_of = {n: c for c, names in groups.items() for n in names}
+    bias_of = {canon_of[w]: canon_of.get(b) if b else None for w, b in normalised_convolutions(mod).items()
+               if w in canon_of}
+    values = {canon: value for canon, _, value in to_copy}
+    factors: dict[str, torch.Tensor] = {}
+    for canon, target, value in to_copy:
+        if canon in bias_of:
+            factors[canon] = rescale_to_initial_filter_norm(value, target)
+            bias = bias_of[canon]
+            if bias is not None and bias in values:
+                factors[bias] = factors[canon]
+    if not factors:
+        return to_copy
+    out = []
+    for canon, target, value in to_copy:
+        if canon in factors:
+            f = factors[canon].to(value.device)
+            value = value * f.view(-1, *([1] * (value.ndim - 1)))
+        out.append((canon, target, value))
+    weights = torch.cat([f for c, f in factors.items() if c in bias_of])
+    report.notes.append(
+        f"filters of {sum(1 for c in factors if c in bias_of)} normalised convolutions rescaled to the norm of "
+        f"nnU-Net's initialisation (same function; factor median {weights.median().item():.3f}, "
+        f"range {weights.min().item():.3f}..{weights.max().item():.3f})")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,6 +743,8 @@ PRETRAINED_SOURCE_ATTR = "_macl_pretrained_weights_source"
 PRETRAINED_REPORT_ATTR = "_macl_pretrained_weights_report"
 # set on the network by nnUNetTrainerMACL: the hand-over (TRANSFER_SCOPES) that -pretrained_weights follows too
 TRANSFER_SCOPE_ATTR = "_macl_transfer_scope"
+# set by nnUNetTrainerMACL with the rescale recipe: -pretrained_weights rescales the filters too
+RESCALE_FILTERS_ATTR = "_macl_rescale_filters"
 
 
 def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = False) -> TransferReport:
@@ -696,7 +761,8 @@ def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool =
     """
     mod = unwrap_network(network)
     report = transfer_pretrained_weights(network, fname, log=print,
-                                         scope=getattr(mod, TRANSFER_SCOPE_ATTR, "pretrained"))
+                                         scope=getattr(mod, TRANSFER_SCOPE_ATTR, "pretrained"),
+                                         rescale_filters=getattr(mod, RESCALE_FILTERS_ATTR, False))
     setattr(mod, PRETRAINED_SOURCE_ATTR, report.source)
     setattr(mod, PRETRAINED_REPORT_ATTR, report)
     if verbose:
@@ -721,9 +787,10 @@ def install_safe_nnunet_pretrained_loader() -> None:
 
 
 __all__ = [
-    "CheckpointError", "IncompatibleCheckpointError", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
+    "CheckpointError", "IncompatibleCheckpointError", "RESCALE_FILTERS_ATTR", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
     "adapt_kernel", "checkpoint_encoder_strides", "checkpoint_key_for", "decoder_input_role_change",
-    "network_encoder_strides", "stage_depth_offset", "stride_change_notes",
+    "network_encoder_strides", "normalised_convolutions", "rescale_to_initial_filter_norm", "stage_depth_offset",
+    "stride_change_notes",
     "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
     "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
     "unwrap_network",
