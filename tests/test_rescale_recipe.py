@@ -1,9 +1,10 @@
-"""The rescale fine-tuning recipe (issue 29): the pretrained filters that an InstanceNorm follows are brought
-back to the norm of nnU-Net's initialisation at the transfer (same function, nnU-Net's effective learning rate),
-then nnU-Net's stock optimiser. The transfer itself: ``test_transfer.py``."""
+"""The rescale fine-tuning recipe (issue 29): at training start the pretrained convolutions that an InstanceNorm
+follows are rescaled, filter by filter, to the output spread of nnU-Net's initialisation on a training batch (same
+function, nnU-Net's gradient scale), then nnU-Net's stock optimiser."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ import torch
 from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.settings import parse_arm
 from nnunetv2_macl.training.checkpoint import save_checkpoint_atomic
+from nnunetv2_macl.transfer import transfer_pretrained_weights
+from nnunetv2_macl.transfer.calibrate import calibrate_to_reference
 from nnunetv2_macl.transfer.load_pretrained import normalised_convolutions
 
-from test_transfer import build_network, macl_checkpoint
+from test_transfer import _arch, build_network, macl_checkpoint
 
 
 def test_rescale_arms_and_trainers_are_found_by_nnunet(monkeypatch):
@@ -33,12 +36,69 @@ def test_rescale_arms_and_trainers_are_found_by_nnunet(monkeypatch):
         assert cls.__name__ == name and cls.finetune_recipe == "rescale" and cls.macl_transfer_scope == scope
 
 
+def _spread_before_norm(network, key, x):
+    conv = dict(network.named_modules())[key[: -len(".weight")]]
+    seen = {}
+
+    def hook(_module, _inputs, output):  # returns None: the output stays as it is
+        seen["s"] = output.flatten(2).std(dim=2).pow(2).mean(0).sqrt()
+
+    handle = conv.register_forward_hook(hook)
+    with torch.no_grad():
+        network.eval()(x)
+    handle.remove()
+    return seen["s"]
+
+
+def test_calibration_keeps_the_function_and_restores_the_gradient(tiny_dataset):
+    """After ``calibrate_to_reference`` each calibrated filter puts out the reference layer's mean spread on the
+    batch, the network's outputs are unchanged, a filter scaled by c gets 1/c of its gradient, and what is not a
+    normalised convolution (transposed convolutions, norms) is untouched."""
+    plans_file = tiny_dataset["plans_file"]
+    ckpt = macl_checkpoint(build_network(plans_file, seed=0), plans_file, decoder_blocks=2)  # filters far above init
+    reference, plain, calibrated = (build_network(plans_file, seed=1) for _ in range(3))
+    transfer_pretrained_weights(plain, ckpt, log=None, scope="pretrained")
+    report = transfer_pretrained_weights(calibrated, ckpt, log=None, scope="pretrained")
+    _, cm = _arch(plans_file)
+    x = torch.randn(4, 1, *cm.patch_size, generator=torch.Generator().manual_seed(0))
+    result = calibrate_to_reference(calibrated, reference, x, report.loaded)
+    convs = normalised_convolutions(calibrated)
+    key = "decoder.stages.0.convs.0.conv.weight"
+    assert key in result.layers and not any("transpconvs" in k for k in result.layers)
+    assert set(result.layers) == {k for k in report.loaded if k in convs}
+    assert "rescaled to the output spread of nnU-Net's initialisation" in result.summary()
+    for k in result.layers:
+        goal = _spread_before_norm(reference, k, x).mean()
+        torch.testing.assert_close(_spread_before_norm(calibrated, k, x), goal.expand(dict(
+            calibrated.named_parameters())[k].shape[0]), rtol=1e-3, atol=1e-5)
+        before, after, ref = result.layers[k]
+        assert after == pytest.approx(ref, rel=1e-3) and before > 2 * ref  # the checkpoint's filters spread wider
+    plain_sd, cal_sd = plain.state_dict(), calibrated.state_dict()
+    for k, _ in plain.named_parameters():  # one name per tensor
+        if k not in convs and convs.get(k[: -len("bias")] + "weight") is None:
+            assert torch.equal(plain_sd[k], cal_sd[k]), k
+    plain.eval(), calibrated.eval()
+    out_plain, out_cal = plain(x), calibrated(x)
+    for a, b in zip(out_plain, out_cal):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    sum(o.square().mean() for o in out_plain).backward()
+    sum(o.square().mean() for o in out_cal).backward()
+    # same function, so a filter scaled by c gets 1/c of the gradient: relative to its size it moves 1/c^2 as fast
+    for k in ("encoder.stages.0.0.convs.0.conv.weight", key):
+        w_plain, w_cal = dict(plain.named_parameters())[k], dict(calibrated.named_parameters())[k]
+        c = w_cal.detach().flatten(1).norm(dim=1) / w_plain.detach().flatten(1).norm(dim=1)
+        assert (c < 1).all() and c.mean() < 0.7  # the checkpoint's filters spread wider than the initial ones
+        torch.testing.assert_close(w_cal.grad.flatten(1).norm(dim=1) * c, w_plain.grad.flatten(1).norm(dim=1),
+                                   rtol=2e-2, atol=1e-7)
+
+
 @pytest.mark.parametrize("trainer_name, decoder_rescaled", [("nnUNetTrainerMACL_paperTransfer_rescale", True),
                                                             ("nnUNetTrainerMACL_rescale", False)])
-def test_the_trainer_hands_over_rescaled_filters(tiny_dataset, monkeypatch, tmp_path, trainer_name, decoder_rescaled):
-    """nnU-Net's trainer with the rescale recipe: after the transfer every loaded normalised convolution's filters
-    have the initial RMS norm (the decoder stages only in the hand-over), the rest is the checkpoint's, the
-    optimiser is nnU-Net's own, and the log says which recipe ran."""
+def test_the_trainer_calibrates_what_it_handed_over(tiny_dataset, monkeypatch, tmp_path, trainer_name,
+                                                    decoder_rescaled):
+    """nnU-Net's trainer with the rescale recipe: at training start the loaded normalised convolutions (the
+    decoder stages only in the hand-over) are rescaled filter by filter (positive factors), nothing else moves,
+    the optimiser is nnU-Net's own and the log says so."""
     from nnunetv2.run.run_training import get_trainer_from_args
     from nnunetv2_macl.run.trainer_path import ext_trainer_value
 
@@ -50,20 +110,25 @@ def test_the_trainer_hands_over_rescaled_filters(tiny_dataset, monkeypatch, tmp_
     monkeypatch.setenv("MACL_PRETRAINED", str(path))
     trainer = get_trainer_from_args(str(tiny_dataset["id"]), "2d", 0, trainer_name, tiny_dataset["plans"], False,
                                     device=torch.device("cpu"))
-    trainer.initialize()
-    initial = {k: v.clone() for k, v in trainer.network.state_dict().items()}
-    report = trainer.apply_macl_pretrained_weights()
-    sd = trainer.network.state_dict()
-    convs = normalised_convolutions(trainer.network)
-    checked = {"encoder": 0, "decoder": 0}
-    for k in report.loaded:
-        if k in convs:
-            target = initial[k].flatten(1).norm(dim=1).pow(2).mean().sqrt()
-            torch.testing.assert_close(sd[k].flatten(1).norm(dim=1), target.expand(sd[k].shape[0]))
-            checked["decoder" if k.startswith("decoder.stages.") else "encoder"] += 1
-        elif k.endswith("norm.weight") or "transpconvs" in k:
-            assert torch.equal(sd[k], ckpt["network_weights"][k]), k
-    assert checked["encoder"] > 0 and (checked["decoder"] > 0) == decoder_rescaled
-    assert any("rescaled to the norm of nnU-Net's initialisation" in n for n in report.notes)
-    assert type(trainer.optimizer).__name__ == "SGD" and len(trainer.optimizer.param_groups) == 1
-    assert "fine-tuning recipe: rescale" in trainer.recipe_description()
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, 1, 1
+    trainer.on_train_start()
+    try:
+        sd = trainer.network.state_dict()
+        report = trainer.macl_transfer_report
+        convs = normalised_convolutions(trainer.network)
+        scaled = {"encoder": 0, "decoder": 0}
+        for k in report.loaded:
+            w = ckpt["network_weights"][k]
+            if k in convs:
+                factor = sd[k].flatten(1).norm(dim=1) / w.flatten(1).norm(dim=1)
+                torch.testing.assert_close(sd[k], w * factor.view(-1, *([1] * (w.ndim - 1))))
+                assert (factor > 0).all() and not torch.allclose(factor, torch.ones_like(factor))
+                scaled["decoder" if k.startswith("decoder.stages.") else "encoder"] += 1
+            elif convs.get(k[: -len("bias")] + "weight") is None:
+                assert torch.equal(sd[k], w), k
+        assert scaled["encoder"] > 0 and (scaled["decoder"] > 0) == decoder_rescaled
+        assert type(trainer.optimizer).__name__ == "SGD" and len(trainer.optimizer.param_groups) == 1
+        log = "".join(p.read_text() for p in Path(trainer.output_folder).glob("training_log_*.txt"))
+        assert "fine-tuning recipe: rescale" in log and "pretrained convolutions rescaled to the output spread" in log
+    finally:
+        trainer.on_train_end()

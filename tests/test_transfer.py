@@ -163,40 +163,6 @@ def test_encoder_only_transfer_keeps_the_decoder_at_initialisation(plans_file):
     with pytest.raises(ValueError, match="scope"):
         transfer_pretrained_weights(build_network(plans_file, seed=1), ckpt, log=None, scope="decoder")
 
-def test_rescaled_filters_compute_the_same_function_at_the_initial_norm(plans_file):
-    """``rescale_filters``: each loaded filter that an InstanceNorm follows comes at the RMS filter norm of
-    nnU-Net's initialisation, the network computes what the plain hand-over computes, and the grown filters'
-    gradients are no longer shrunk by their norm."""
-    from nnunetv2_macl.transfer.load_pretrained import normalised_convolutions
-
-    ckpt = macl_checkpoint(build_network(plans_file, seed=0), plans_file, decoder_blocks=2)  # filters far above init
-    init, plain, scaled = (build_network(plans_file, seed=1) for _ in range(3))
-    transfer_pretrained_weights(plain, ckpt, log=None, scope="pretrained")
-    report = transfer_pretrained_weights(scaled, ckpt, log=None, scope="pretrained", rescale_filters=True)
-    convs = normalised_convolutions(scaled)
-    assert "decoder.stages.0.convs.0.conv.weight" in convs and not any("transpconvs" in k for k in convs)
-    init_sd, plain_sd, scaled_sd = init.state_dict(), plain.state_dict(), scaled.state_dict()
-    rescaled = [k for k in convs if k in report.loaded]
-    assert rescaled and any("normalised convolutions rescaled" in n for n in report.notes)
-    for k in rescaled:
-        target = init_sd[k].flatten(1).norm(dim=1).pow(2).mean().sqrt()
-        torch.testing.assert_close(scaled_sd[k].flatten(1).norm(dim=1), target.expand(scaled_sd[k].shape[0]))
-        assert not torch.allclose(plain_sd[k].flatten(1).norm(dim=1), target.expand(plain_sd[k].shape[0]))
-    for k in report.loaded:  # what no norm follows (transposed convolutions, norms) loads as it is
-        if k not in convs and convs.get(k[:-len("bias")] + "weight") is None:
-            assert torch.equal(scaled_sd[k], plain_sd[k]), k
-    _, cm = _arch(plans_file)
-    x = torch.randn(2, 1, *cm.patch_size, generator=torch.Generator().manual_seed(0))
-    out_plain, out_scaled = plain(x), scaled(x)
-    for a, b in zip(out_plain, out_scaled):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
-    sum(o.square().mean() for o in out_plain).backward()
-    sum(o.square().mean() for o in out_scaled).backward()
-    key = "decoder.stages.0.convs.0.conv.weight"
-    grad = {n: dict(m.named_parameters())[key].grad.norm().item() for n, m in (("plain", plain), ("scaled", scaled))}
-    assert grad["scaled"] > 2 * grad["plain"], grad
-
-
 def test_transfer_unwraps_torch_compile_and_reads_bare_state_dict(plans_file):
     src = build_network(plans_file, seed=0)
     ckpt = macl_checkpoint(src, plans_file)

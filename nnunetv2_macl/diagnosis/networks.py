@@ -8,10 +8,7 @@ Starts (:data:`START_NAMES`), all built on ``build_network(setup, seed)``:
 * ``pretrained``: the paper's hand-over (scope ``"pretrained"``: encoder and decoder stages 1..N);
 * ``pretrained_norms_reset``: the hand-over with every decoder InstanceNorm's weight set to 1 and bias to 0;
 * ``stage0_only``: the encoder and decoder stage 0 only (scope ``"pretrained"`` over the checkpoint's
-  pretrained prefixes restricted to the encoder and ``decoder.{stages,transpconvs}.0``);
-* ``encoder_rescaled``, ``pretrained_rescaled``: ``encoder`` and ``pretrained`` with every loaded filter that an
-  InstanceNorm follows rescaled to the norm of nnU-Net's initialisation (``rescale_filters``: same function,
-  the learning rate's effect restored).
+  pretrained prefixes restricted to the encoder and ``decoder.{stages,transpconvs}.0``).
 """
 from __future__ import annotations
 
@@ -33,8 +30,7 @@ from nnunetv2_macl.transfer.load_pretrained import (
 
 #: start name -> transfer scope (None: no transfer)
 START_SCOPES: dict[str, str | None] = {"scratch": None, "encoder": "encoder", "pretrained": "pretrained",
-                                       "pretrained_norms_reset": "pretrained", "stage0_only": "pretrained",
-                                       "encoder_rescaled": "encoder", "pretrained_rescaled": "pretrained"}
+                                       "pretrained_norms_reset": "pretrained", "stage0_only": "pretrained"}
 START_NAMES = tuple(START_SCOPES)
 PRE_NORM = "@pre-norm"  # suffix of a stage's last convolution output, before its InstanceNorm
 
@@ -101,11 +97,10 @@ def load_checkpoint_dict(path: str) -> dict:
     return ckpt
 
 
-def network_from_checkpoint(setup: Setup, checkpoint: dict, scope: str, seed: int,
-                            rescale_filters: bool = False) -> tuple[nn.Module, TransferReport]:
+def network_from_checkpoint(setup: Setup, checkpoint: dict, scope: str, seed: int) -> tuple[nn.Module, TransferReport]:
     """Fine-tuning's start: nnU-Net's initialisation, then the checkpoint's tensors of ``scope``."""
     net = build_network(setup, seed)
-    report = transfer_pretrained_weights(net, checkpoint, log=None, scope=scope, rescale_filters=rescale_filters)
+    report = transfer_pretrained_weights(net, checkpoint, log=None, scope=scope)
     return net, report
 
 
@@ -169,8 +164,7 @@ def build_start(setup: Setup, checkpoint: dict | None, start: str, seed: int,
         if 0 not in pretrained_stages:
             raise ValueError("start 'stage0_only': the checkpoint did not pretrain decoder stage 0")
         checkpoint = restrict_to_decoder_stages(checkpoint, [0])
-    net, report = network_from_checkpoint(setup, checkpoint, START_SCOPES[start], seed,
-                                          rescale_filters=start.endswith("_rescaled"))
+    net, report = network_from_checkpoint(setup, checkpoint, START_SCOPES[start], seed)
     if start == "pretrained_norms_reset":
         report.notes.append(f"{reset_decoder_norms(net)} decoder InstanceNorms reset to weight 1, bias 0")
     return net, report

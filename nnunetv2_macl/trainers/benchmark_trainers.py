@@ -34,7 +34,7 @@ Recipes: ``nnUNetTrainerMACL_bench`` / ``nnUNetTrainerScratch_bench`` use nnU-Ne
 ``nnUNetTrainerMACL_protect_bench`` / ``_protect_encoder_bench`` its protect recipe (pretrained parts frozen
 first; ``MACL_FT_FREEZE_EPOCHS``, ``MACL_FT_PRETRAINED_LR_FACTOR`` besides the two above; no scratch
 counterpart: a scratch start has nothing to protect), ``nnUNetTrainerMACL_rescale_bench`` /
-``_rescale_encoder_bench`` its rescale recipe (pretrained filters at nnU-Net's initial norm).
+``_rescale_encoder_bench`` its rescale recipe (pretrained filters at nnU-Net's initial output spread).
 
 Seeding: stock nnU-Net trainings are not seeded. Here the training process is, so scratch and MACL runs
 start from the same random initialisation of every part that is not pretrained (with the same seed the

@@ -79,12 +79,12 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_macl.trainers.checkpointing import AtomicCheckpointMixin
 from nnunetv2_macl.trainers.schedules import NAMES_KEY, PRETRAINED, ROLE_KEY, FinetuneRecipeMixin
+from nnunetv2_macl.transfer.calibrate import Calibration, calibrate_to_reference
 from nnunetv2_macl.transfer.find_checkpoint import CheckpointChoice, choose_default_checkpoint
 from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
     PRETRAINED_REPORT_ATTR,
     PRETRAINED_SOURCE_ATTR,
-    RESCALE_FILTERS_ATTR,
     TRANSFER_SCOPE_ATTR,
     TransferReport,
     install_safe_nnunet_pretrained_loader,
@@ -230,8 +230,7 @@ class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTraine
         checkpoint = load_weights_only(path)
         meta = checkpoint.get("macl") if isinstance(checkpoint.get("macl"), dict) else None
         report = transfer_pretrained_weights(self.network, checkpoint, min_fraction=self.macl_min_fraction,
-                                             log=None, scope=self.macl_transfer_scope,
-                                             rescale_filters=self.finetune_recipe == "rescale")
+                                             log=None, scope=self.macl_transfer_scope)
         report.source = path
         report.notes.extend(self._macl_metadata_notes(meta))
         self.print_to_log_file(report.summary())
@@ -248,7 +247,6 @@ class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTraine
         super().initialize()
         # -pretrained_weights reaches our loader with the network only: it carries the hand-over
         setattr(unwrap_network(self.network), TRANSFER_SCOPE_ATTR, self.macl_transfer_scope)
-        setattr(unwrap_network(self.network), RESCALE_FILTERS_ATTR, self.finetune_recipe == "rescale")
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -259,6 +257,25 @@ class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTraine
             params = {n for n, _ in unwrap_network(self.network).named_parameters()}
             self.rebuild_optimizer(params.intersection(report.loaded))
         super().on_train_start()
+        if self.finetune_recipe == "rescale" and report is not None:
+            self.calibrate_pretrained_filters(report)
+
+    def calibrate_pretrained_filters(self, report: TransferReport) -> Calibration:
+        """The rescale recipe: the loaded convolutions' output spread brought to that of nnU-Net's initialisation
+        (:mod:`nnunetv2_macl.transfer.calibrate`), measured on one training batch (the data loaders exist
+        now). Not on ``--c``: the resumed weights were calibrated when that training started."""
+        reference = self.build_network_architecture(
+            self.plans_manager, self.configuration_manager, self.num_input_channels,
+            self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
+        batch = next(self.dataloader_train)["data"]
+        calibration = calibrate_to_reference(self.network, reference, batch, report.loaded)
+        if self.is_ddp:  # each rank saw its own batch: every rank takes rank 0's filters
+            import torch.distributed as dist
+
+            for p in unwrap_network(self.network).parameters():
+                dist.broadcast(p.data, 0)
+        self.print_to_log_file(calibration.summary(), also_print_to_console=True)
+        return calibration
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         """nnU-Net's ``load_checkpoint`` with ``weights_only=True`` reading (see module doc).

@@ -7,7 +7,7 @@
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer  # encoder + pretrained decoder stages
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_protect  # the same, protect recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_protect    # MACL encoder, protect recipe
-    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_rescale    # MACL encoder, filters at nnU-Net's init norm
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_rescale    # MACL encoder, filters at nnU-Net's init spread
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_rescale  # the hand-over, rescale recipe
 
 ``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
@@ -61,7 +61,7 @@ class nnUNetTrainerMACL_paperTransfer_protect(_macl_trainer_module.nnUNetTrainer
 
 
 class nnUNetTrainerMACL_rescale(_macl_trainer_module.nnUNetTrainerMACL):
-    """MACL encoder start, rescale recipe: pretrained filters at nnU-Net's initial norm, stock optimiser."""
+    """MACL encoder start, rescale recipe: pretrained filters at nnU-Net's initial output spread, stock optimiser."""
 
     finetune_recipe = "rescale"
 

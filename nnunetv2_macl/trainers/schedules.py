@@ -23,12 +23,11 @@
            ``MACL_FT_PRETRAINED_LR_FACTOR``. Which parameters are pretrained is known only after the transfer
            (at training start), so the trainer rebuilds the optimiser then; each group stores its role and
            parameter names, so ``--c`` rebuilds the same groups from the checkpoint.
-``rescale`` nnU-Net's stock optimiser and schedule, on pretrained filters brought back to the norm of nnU-Net's
-           initialisation at the transfer (``transfer_pretrained_weights(rescale_filters=True)``): the filters
-           that an InstanceNorm follows grow during pretraining (encoder 1.3-3.1 x, decoder stages 1.2-1.7 x
-           after 2 Hippocampus epochs), which leaves the function unchanged but divides their gradients by that
-           factor, i.e. fine-tunes them at a fraction of the learning rate. Rescaling keeps the function and
-           gives the pretrained filters nnU-Net's own effective learning rate.
+``rescale`` nnU-Net's stock optimiser and schedule, after every pretrained convolution that an InstanceNorm
+           follows is rescaled, filter by filter, to the output spread of nnU-Net's initialisation on one training
+           batch (:mod:`nnunetv2_macl.transfer.calibrate`). The network computes the same function, but a filter
+           whose spread had grown s-fold (3-6 x measured) no longer moves 1/s^2 as fast relative to its size as
+           a fresh one: the pretrained parts fine-tune at nnU-Net's effective learning rate.
 
 The scheduler is stateless in the epoch (``step(current_epoch)`` as nnU-Net's ``PolyLRScheduler``), so a
 training resumed with ``--c`` continues on the same curve. A trainer picks its recipe with the class
@@ -219,7 +218,8 @@ class FinetuneRecipeMixin:
             return (f"fine-tuning recipe: stock (nnU-Net's SGD, lr {self.initial_lr:g}, poly decay over "
                     f"{self.num_epochs} epochs)")
         if self.finetune_recipe == "rescale":
-            return (f"fine-tuning recipe: rescale (pretrained filters at nnU-Net's initial norm; nnU-Net's SGD, lr "
+            return (f"fine-tuning recipe: rescale (pretrained filters at the output spread of nnU-Net's initialisation; "
+                    f"nnU-Net's SGD, lr "
                     f"{self.initial_lr:g}, poly decay over {self.num_epochs} epochs)")
         if self.finetune_recipe == "protect":
             peak, freeze, warmup, factor = protect_settings(self.num_epochs)

@@ -519,17 +519,8 @@ def normalised_convolutions(mod: nn.Module) -> dict[str, str | None]:
     return out
 
 
-def rescale_to_initial_filter_norm(value: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-    """Per output filter, the factor that brings ``value``'s filter to the RMS filter norm of ``initial`` (the
-    layer at nnU-Net's initialisation); shape ``[out_channels]``."""
-    flat = value.detach().flatten(1).float()
-    target = initial.detach().flatten(1).float().norm(dim=1).pow(2).mean().sqrt()
-    return (target / flat.norm(dim=1).clamp_min(1e-12)).to(value.dtype)
-
-
 def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_fraction: float = 0.5,
-                                log: Callable[..., object] | None = print, scope: str = "pretrained",
-                                rescale_filters: bool = False) -> TransferReport:
+                                log: Callable[..., object] | None = print, scope: str = "pretrained") -> TransferReport:
     """Copy the pretrained tensors of ``checkpoint`` into ``network`` (in place) and report what happened.
 
     ``checkpoint``: a path (read with ``weights_only=True``) or an already loaded dict (a MACL or nnU-Net
@@ -539,11 +530,6 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     keys. ``log`` (e.g. ``trainer.print_to_log_file``) receives the report summary; None to stay quiet.
     ``scope``: ``"pretrained"`` copies every tensor the checkpoint pretrained, ``"encoder"`` only the encoder's
     (:data:`TRANSFER_SCOPES`; the decoder stages then keep the network's initialisation).
-    ``rescale_filters``: every loaded convolution that an InstanceNorm follows gets each filter (and its bias)
-    scaled to the RMS filter norm of the network's own initialisation of that layer. The network computes
-    the same function (the norm removes the scale), but a filter's gradient shrinks as its norm grows, so
-    filters that grew during pretraining would otherwise fine-tune at a fraction of the learning rate
-    (issue 29: the handed-over decoder stage got 0.04 x the encoder-only start's gradient).
     """
     if scope not in TRANSFER_SCOPES:
         raise ValueError(f"transfer scope must be one of {TRANSFER_SCOPES}, got {scope!r}")
@@ -693,8 +679,6 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             f"feature widths (for another dataset: nnUNetv2_move_plans_between_datasets) or choose another "
             f"checkpoint. Refusing to continue instead of silently training from scratch.")
 
-    if rescale_filters:
-        to_copy = _rescaled_to_initial_norms(mod, groups, to_copy, report)
     with torch.no_grad():
         for _, target, value in to_copy:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
@@ -704,38 +688,6 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     return report
 
 
-def _rescaled_to_initial_norms(mod: nn.Module, groups: dict[str, list[str]],
-                               to_copy: list[tuple[str, torch.Tensor, torch.Tensor]],
-                               report: TransferReport) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``to_copy`` with every normalised convolution's filters (and biases) at the initial RMS filter norm;
-    one note in ``report`` with how many layers and the spread of the factors."""
-    canon_of = {n: c for c, names in groups.items() for n in names}
-    bias_of = {canon_of[w]: canon_of.get(b) if b else None for w, b in normalised_convolutions(mod).items()
-               if w in canon_of}
-    values = {canon: value for canon, _, value in to_copy}
-    factors: dict[str, torch.Tensor] = {}
-    for canon, target, value in to_copy:
-        if canon in bias_of:
-            factors[canon] = rescale_to_initial_filter_norm(value, target)
-            bias = bias_of[canon]
-            if bias is not None and bias in values:
-                factors[bias] = factors[canon]
-    if not factors:
-        return to_copy
-    out = []
-    for canon, target, value in to_copy:
-        if canon in factors:
-            f = factors[canon].to(value.device)
-            value = value * f.view(-1, *([1] * (value.ndim - 1)))
-        out.append((canon, target, value))
-    weights = torch.cat([f for c, f in factors.items() if c in bias_of])
-    report.notes.append(
-        f"filters of {sum(1 for c in factors if c in bias_of)} normalised convolutions rescaled to the norm of "
-        f"nnU-Net's initialisation (same function; factor median {weights.median().item():.3f}, "
-        f"range {weights.min().item():.3f}..{weights.max().item():.3f})")
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # nnU-Net's -pretrained_weights, made safe and lenient
 # --------------------------------------------------------------------------------------------------
@@ -743,8 +695,6 @@ PRETRAINED_SOURCE_ATTR = "_macl_pretrained_weights_source"
 PRETRAINED_REPORT_ATTR = "_macl_pretrained_weights_report"
 # set on the network by nnUNetTrainerMACL: the hand-over (TRANSFER_SCOPES) that -pretrained_weights follows too
 TRANSFER_SCOPE_ATTR = "_macl_transfer_scope"
-# set by nnUNetTrainerMACL with the rescale recipe: -pretrained_weights rescales the filters too
-RESCALE_FILTERS_ATTR = "_macl_rescale_filters"
 
 
 def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool = False) -> TransferReport:
@@ -761,8 +711,7 @@ def safe_load_pretrained_weights(network: nn.Module, fname: str, verbose: bool =
     """
     mod = unwrap_network(network)
     report = transfer_pretrained_weights(network, fname, log=print,
-                                         scope=getattr(mod, TRANSFER_SCOPE_ATTR, "pretrained"),
-                                         rescale_filters=getattr(mod, RESCALE_FILTERS_ATTR, False))
+                                         scope=getattr(mod, TRANSFER_SCOPE_ATTR, "pretrained"))
     setattr(mod, PRETRAINED_SOURCE_ATTR, report.source)
     setattr(mod, PRETRAINED_REPORT_ATTR, report)
     if verbose:
@@ -787,10 +736,9 @@ def install_safe_nnunet_pretrained_loader() -> None:
 
 
 __all__ = [
-    "CheckpointError", "IncompatibleCheckpointError", "RESCALE_FILTERS_ATTR", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
+    "CheckpointError", "IncompatibleCheckpointError", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
     "adapt_kernel", "checkpoint_encoder_strides", "checkpoint_key_for", "decoder_input_role_change",
-    "network_encoder_strides", "normalised_convolutions", "rescale_to_initial_filter_norm", "stage_depth_offset",
-    "stride_change_notes",
+    "network_encoder_strides", "normalised_convolutions", "stage_depth_offset", "stride_change_notes",
     "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
     "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
     "unwrap_network",
