@@ -331,6 +331,9 @@ def test_script_end_to_end(tiny_dataset, flat_decoder_checkpoint, tmp_path):
     leaky = torch.nn.functional.leaky_relu(bias, 0.01)
     assert flat_stage["mean_abs_output"] == pytest.approx(float(leaky.abs().mean()), rel=1e-5)
     assert flat_stage["seg_logit_std"] == pytest.approx(0.0, abs=1e-6)
+    # the zeroed convolution puts out its bias alone: no spread before its norm; nnU-Net's fresh filters do spread
+    assert flat_stage["pre_norm_spread"]["blocks"][-1] == pytest.approx(0.0, abs=1e-6)
+    assert all(s > 0.05 for s in e1["encoder"]["decoder.stages.1"]["pre_norm_spread"]["blocks"])
     assert e1["encoder"]["decoder.stages.1"]["location_cosine"] < 0.999  # nnU-Net's init: locations differ
     # nnU-Net initialises norms to 1 / 0; the checkpoint's perturbed ones are 0.05 * |N(0, 1)| off on average
     assert e1["encoder"]["decoder.stages.0"]["norm_mean_abs_weight_minus_1"] == 0

@@ -17,6 +17,7 @@ E1_ROWS = (
     ("norms: mean abs(weight - 1)", lambda s: s["norm_mean_abs_weight_minus_1"]),
     ("norms: mean abs(bias)", lambda s: s["norm_mean_abs_bias"]),
     ("mean abs(output)", lambda s: s["mean_abs_output"]),
+    ("spread before the norm, mean over blocks", lambda s: s["pre_norm_spread"]["mean"]),
     ("pre-activation < 0, last block", lambda s: s["fraction_negative_pre_activation"]["last"]),
     ("cosine between locations", lambda s: s["location_cosine"]),
     ("input RMS: upsampled half", lambda s: s["input_halves"]["upsampled_rms"]),
@@ -47,6 +48,7 @@ def stage_statistics_findings(result: dict) -> list[str]:
             f"(E1) {stage} ({tag}), hand-over vs encoder-only: norms mean abs(w-1) {_fmt(p['norm_mean_abs_weight_minus_1'])} "
             f"vs {_fmt(e['norm_mean_abs_weight_minus_1'])}, abs(b) {_fmt(p['norm_mean_abs_bias'])} vs "
             f"{_fmt(e['norm_mean_abs_bias'])}; mean abs(x) {_fmt(p['mean_abs_output'])} vs {_fmt(e['mean_abs_output'])}; "
+            f"spread before the norm {_fmt(p['pre_norm_spread']['mean'])} vs {_fmt(e['pre_norm_spread']['mean'])}; "
             f"pre-activation < 0 {_fmt(p['fraction_negative_pre_activation']['last'])} vs "
             f"{_fmt(e['fraction_negative_pre_activation']['last'])}; cosine between locations "
             f"{_fmt(p['location_cosine'])} vs {_fmt(e['location_cosine'])}; input RMS upsampled/skip "

@@ -5,6 +5,9 @@ Per decoder stage j of nnU-Net's UNetDecoder (stage input = [transpconvs[j](prev
 * ``norms``: for each InstanceNorm of the stage, mean |weight - 1| and mean |bias| (nnU-Net initialises
   them to 1 and 0);
 * ``mean_abs_output``: mean |x| of the stage output;
+* ``pre_norm_spread``: per conv-norm-nonlin block, the spread of the convolution's output before its norm (the
+  RMS over slices and channels of each channel's std over the slice's cells): the norm divides by it, so a
+  filter whose spread is s times a fresh filter's gets 1/s of the weight gradient (``mean``: over the blocks);
 * ``fraction_negative_pre_activation``: per conv-norm-nonlin block, the share of the norm's output (the
   LeakyReLU's input) below zero (``last``: the stage's last block);
 * ``location_cosine``: the mean cosine similarity between the channel vectors of two different
@@ -48,6 +51,8 @@ class _StageAccumulator:
         self.cells = 0
         self.negative = np.zeros(num_blocks)
         self.pre_activation_values = np.zeros(num_blocks)
+        self.spread_sq = np.zeros(num_blocks)  # sums of per-slice, per-channel variances before the norm
+        self.spread_n = np.zeros(num_blocks)
         self.cosine_sum = 0.0
         self.cosine_slices = 0
         self.up_sq, self.up_n, self.skip_sq, self.skip_n = 0.0, 0, 0.0, 0
@@ -83,6 +88,8 @@ class StageStatistics:
             hooks.append(decoder.stages[j].register_forward_hook(
                 lambda _m, _i, out, key=("out", j): captured.__setitem__(key, out)))
             for b, block in enumerate(self.blocks[j]):
+                hooks.append(block.conv.register_forward_hook(
+                    lambda _m, _i, out, key=("conv", j, b): captured.__setitem__(key, out)))
                 # cloned: nnU-Net's LeakyReLU works in place on the norm's output
                 hooks.append(block.norm.register_forward_hook(
                     lambda _m, _i, out, key=("norm", j, b): captured.__setitem__(key, out.detach().clone())))
@@ -114,6 +121,10 @@ class StageStatistics:
             pre = content(captured[("norm", j, b)])
             acc.negative[b] += float((pre < 0).sum())
             acc.pre_activation_values[b] += pre.numel()
+            conv_out = content(captured[("conv", j, b)]).flatten(2)  # (slices, channels, cells)
+            if conv_out.shape[-1] >= 2:
+                acc.spread_sq[b] += float(conv_out.var(dim=2, unbiased=False).sum())
+                acc.spread_n[b] += conv_out.shape[0] * conv_out.shape[1]
         for s in range(out.shape[0]):
             vectors = out[s].flatten(1).T  # (cells, channels)
             if vectors.shape[0] >= 2:
@@ -147,6 +158,7 @@ class StageStatistics:
                 mean = acc.logit_sum / acc.logit_n
                 var = np.maximum(acc.logit_sq / acc.logit_n - mean ** 2, 0.0)
                 logit_std = float(np.mean(np.sqrt(var)))
+            spreads = [float(np.sqrt(s / n)) if n else float("nan") for s, n in zip(acc.spread_sq, acc.spread_n)]
             norms = norm_parameters(self.network.decoder.stages[j])
             out[f"decoder.stages.{j}"] = {
                 "norms": norms,
@@ -155,6 +167,7 @@ class StageStatistics:
                 "norm_mean_abs_bias": float(np.mean([v["mean_abs_bias"] for v in norms.values()])) if norms
                 else float("nan"),
                 "mean_abs_output": acc.abs_sum / acc.cells if acc.cells else float("nan"),
+                "pre_norm_spread": {"blocks": spreads, "mean": float(np.mean(spreads)) if spreads else float("nan")},
                 "fraction_negative_pre_activation": {"blocks": fractions, "last": fractions[-1] if fractions
                                                      else float("nan")},
                 "location_cosine": acc.cosine_sum / acc.cosine_slices if acc.cosine_slices else float("nan"),
