@@ -13,8 +13,7 @@ from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.settings import parse_arm
 from nnunetv2_macl.training.checkpoint import save_checkpoint_atomic
 from nnunetv2_macl.transfer import transfer_pretrained_weights
-from nnunetv2_macl.transfer.calibrate import calibrate_to_reference
-from nnunetv2_macl.transfer.load_pretrained import normalised_convolutions
+from nnunetv2_macl.transfer.calibrate import calibrate_to_reference, normalised_convolutions
 
 from test_transfer import _arch, build_network, macl_checkpoint
 

@@ -19,7 +19,22 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from nnunetv2_macl.transfer.load_pretrained import normalised_convolutions, unwrap_network
+from nnunetv2_macl.transfer.load_pretrained import unwrap_network
+
+
+def normalised_convolutions(mod: nn.Module) -> dict[str, str | None]:
+    """Weight key -> bias key (None without bias) of every convolution whose output an InstanceNorm normalises
+    next (nnU-Net's ``ConvDropoutNormReLU``: ``.conv``, optional dropout, ``.norm``; also with the LeakyReLU
+    first, which is positively homogeneous). Scaling such a convolution's filter k and its bias k by c > 0
+    changes nothing downstream: the norm divides the channel by its own spread (up to its eps)."""
+    out: dict[str, str | None] = {}
+    for name, m in mod.named_modules():
+        conv, norm = getattr(m, "conv", None), getattr(m, "norm", None)
+        if isinstance(conv, nn.modules.conv._ConvNd) and not isinstance(conv, nn.modules.conv._ConvTransposeNd) \
+                and isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+            prefix = f"{name}.conv." if name else "conv."
+            out[prefix + "weight"] = prefix + "bias" if conv.bias is not None else None
+    return out
 
 
 @dataclass
@@ -95,4 +110,4 @@ def calibrate_to_reference(network: nn.Module, reference: nn.Module, batch: torc
     return result
 
 
-__all__ = ["Calibration", "calibrate_to_reference"]
+__all__ = ["Calibration", "calibrate_to_reference", "normalised_convolutions"]

@@ -504,21 +504,6 @@ def _adapt(value: torch.Tensor, target: torch.Tensor, is_first_conv: bool,
     return w, "; ".join(steps)
 
 
-def normalised_convolutions(mod: nn.Module) -> dict[str, str | None]:
-    """Weight key -> bias key (None without bias) of every convolution whose output an InstanceNorm normalises
-    next (nnU-Net's ``ConvDropoutNormReLU``: ``.conv``, optional dropout, ``.norm``; also with the LeakyReLU
-    first, which is positively homogeneous). Scaling such a convolution's filter k and its bias k by c > 0
-    changes nothing downstream: the norm divides the channel by its own spread (up to its eps)."""
-    out: dict[str, str | None] = {}
-    for name, m in mod.named_modules():
-        conv, norm = getattr(m, "conv", None), getattr(m, "norm", None)
-        if isinstance(conv, nn.modules.conv._ConvNd) and not isinstance(conv, nn.modules.conv._ConvTransposeNd) \
-                and isinstance(norm, nn.modules.instancenorm._InstanceNorm):
-            prefix = f"{name}.conv." if name else "conv."
-            out[prefix + "weight"] = prefix + "bias" if conv.bias is not None else None
-    return out
-
-
 def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_fraction: float = 0.5,
                                 log: Callable[..., object] | None = print, scope: str = "pretrained") -> TransferReport:
     """Copy the pretrained tensors of ``checkpoint`` into ``network`` (in place) and report what happened.
@@ -564,7 +549,7 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
     if first_conv is not None and in_pre is None:
         in_pre = int(weights[first_conv].shape[1])
 
-    to_copy: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    to_copy: list[tuple[torch.Tensor, torch.Tensor]] = []
     counterparts: set[str] = set()  # checkpoint keys some network tensor maps to
     mismatches: list[str] = []  # human-readable, encoder first
     enc_keys = [c for c, names in groups.items() if any(n.startswith(ENCODER_PREFIX) for n in names)]
@@ -636,7 +621,7 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             how = (f"{'' if how == 'taken' else how + '; '}input channels {skip_channels}..{2 * skip_channels - 1} "
                    f"(the encoder skip) taken, channels 0..{skip_channels - 1} (the output of "
                    f"decoder.transpconvs.{upsampler}) kept at initialisation ({REASON_ROLE}: {role_change})")
-        to_copy.append((canon, target, value))
+        to_copy.append((target, value))
         report.loaded.append(canon)
         if how != "taken" or renamed:
             report.adapted[canon] = how + renamed
@@ -680,7 +665,7 @@ def transfer_pretrained_weights(network: nn.Module, checkpoint: dict | str, min_
             f"checkpoint. Refusing to continue instead of silently training from scratch.")
 
     with torch.no_grad():
-        for _, target, value in to_copy:
+        for target, value in to_copy:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
 
     if log is not None:
@@ -738,7 +723,7 @@ def install_safe_nnunet_pretrained_loader() -> None:
 __all__ = [
     "CheckpointError", "IncompatibleCheckpointError", "TRANSFER_SCOPE_ATTR", "TransferReport", "adapt_input_channels",
     "adapt_kernel", "checkpoint_encoder_strides", "checkpoint_key_for", "decoder_input_role_change",
-    "network_encoder_strides", "normalised_convolutions", "stage_depth_offset", "stride_change_notes",
+    "network_encoder_strides", "stage_depth_offset", "stride_change_notes",
     "install_safe_nnunet_pretrained_loader", "load_weights_only", "numpy_scalar_safe_globals",
     "pretrained_prefixes_from_meta", "safe_load_pretrained_weights", "transfer_pretrained_weights",
     "unwrap_network",
