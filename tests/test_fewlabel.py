@@ -749,28 +749,6 @@ def test_warmup_scheduler_curve(monkeypatch):
         warmup_settings(80)
 
 
-def test_recipe_variants_are_found_by_nnunet(monkeypatch):
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
-
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(None))
-    expected = {"nnUNetTrainerMACL": "stock", "nnUNetTrainerMACL_stock": "stock", "nnUNetTrainerMACL_warmup": "warmup",
-                "nnUNetTrainerScratch_warmup": "warmup", "nnUNetTrainerMACL_bench": "stock",
-                "nnUNetTrainerScratch_bench": "stock", "nnUNetTrainerMACL_warmup_bench": "warmup",
-                "nnUNetTrainerScratch_warmup_bench": "warmup"}
-    for name, recipe in expected.items():
-        cls = recursive_find_trainer_class_by_name(name)
-        assert cls.__name__ == name and issubclass(cls, nnUNetTrainer) and cls.finetune_recipe == recipe
-        assert ("MACL" in name) == any(b.__name__ == "nnUNetTrainerMACL" for b in cls.__mro__)
-    # the hand-over each name promises (the default moved to encoder only by measurement, issue #11)
-    scopes = {"nnUNetTrainerMACL": "encoder", "nnUNetTrainerMACL_encoder": "encoder",
-              "nnUNetTrainerMACL_paperTransfer": "pretrained", "nnUNetTrainerMACL_bench": "pretrained",
-              "nnUNetTrainerMACL_warmup_bench": "pretrained", "nnUNetTrainerMACL_encoder_bench": "encoder"}
-    for name, scope in scopes.items():
-        assert recursive_find_trainer_class_by_name(name).macl_transfer_scope == scope, name
-
-
 def test_tiny_warmup_training_log_parses_into_a_learning_curve(tiny_dataset, monkeypatch, tmp_path):
     """A real nnU-Net training (nnUNetTrainerScratch_warmup, 4 epochs x 2 iterations) writes the log the
     curves are read from; its learning rates follow the warm-up recipe."""

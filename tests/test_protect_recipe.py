@@ -95,18 +95,6 @@ def test_protect_arms_trainers_and_fingerprints():
     assert moved == {"train:macl_warmup:M4:f0", "train:macl_protect:M4:f0"}
 
 
-def test_protect_trainers_are_found_by_nnunet(monkeypatch):
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
-
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(None))
-    expected = {"nnUNetTrainerMACL_protect": "encoder", "nnUNetTrainerMACL_paperTransfer_protect": "pretrained",
-                "nnUNetTrainerMACL_protect_bench": "pretrained", "nnUNetTrainerMACL_protect_encoder_bench": "encoder"}
-    for name, scope in expected.items():
-        cls = recursive_find_trainer_class_by_name(name)
-        assert cls.__name__ == name and cls.finetune_recipe == "protect" and cls.macl_transfer_scope == scope
-
-
 # ------------------------------------------------------------------------------------------------ a real training
 def _protect_trainer(tiny_dataset):
     from nnunetv2.run.run_training import get_trainer_from_args

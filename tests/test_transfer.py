@@ -644,25 +644,6 @@ def test_paper_schedule_optimizer(tiny_dataset, trainer_env):
     assert lrs[50] == pytest.approx(5e-6 + 0.5 * (5e-4 - 5e-6) * (1 + np.cos(np.pi * 50 / 99)))
 
 
-def test_trainer_module_imports_by_file_path(trainer_env):
-    """nnU-Net imports the trainers folder's modules as top-level modules; all variants must be found."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    for name in ("nnUNetTrainerMACL", "nnUNetTrainerMACL_1epoch", "nnUNetTrainerMACL_5epochs",
-                 "nnUNetTrainerMACL_50epochs", "nnUNetTrainerMACL_100epochs", "nnUNetTrainerMACL_paperSchedule",
-                 "nnUNetTrainerScratch_paperSchedule", "nnUNetTrainerScratch_1epoch", "nnUNetTrainerMACL_encoder",
-                 "nnUNetTrainerMACL_encoder_bench", "nnUNetTrainerMACL_warmup_encoder_bench",
-                 "nnUNetTrainerMACL_paperTransfer"):
-        cls = recursive_find_trainer_class_by_name(name)
-        assert cls.__name__ == name and issubclass(cls, nnUNetTrainer)
-        if name.startswith("nnUNetTrainerMACL"):  # encoder only unless the name says paper transfer
-            assert cls.macl_transfer_scope == ("pretrained" if name.endswith("paperTransfer") else "encoder")
-    # nnU-Net's own scratch counterparts exist under these names
-    for name in ("nnUNetTrainer_1epoch", "nnUNetTrainer_5epochs", "nnUNetTrainer_50epochs", "nnUNetTrainer_100epochs"):
-        assert recursive_find_trainer_class_by_name(name).__module__.startswith("nnunetv2.")
-
-
 def test_macl_trainer_path_output(monkeypatch, capsys):
     from nnunetv2_macl.run import trainer_path
 
