@@ -13,7 +13,8 @@ from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.settings import parse_arm
 from nnunetv2_macl.training.checkpoint import save_checkpoint_atomic
 from nnunetv2_macl.transfer import transfer_pretrained_weights
-from nnunetv2_macl.transfer.calibrate import calibrate_to_reference, normalised_convolutions
+from nnunetv2_macl.transfer.calibrate import (MIN_CALIBRATION_IMAGES, calibrate_to_reference,
+                                              draw_calibration_batches, normalised_convolutions)
 
 from test_transfer import _arch, build_network, macl_checkpoint
 
@@ -25,6 +26,20 @@ def test_rescale_arms():
     assert parse_arm("macl:rescale@encoder").key == "macl_rescale_encoder"
     with pytest.raises(FewLabelError, match="rescale recipe rescales the pretrained filters"):
         parse_arm("scratch:rescale")
+
+
+@pytest.mark.parametrize("batch_size, drawn", [(32, 1), (16, 1), (12, 2), (2, 8), (1, 8)])
+def test_calibration_draws_enough_images(batch_size, drawn):
+    """A 2-D plan's batch is enough; a 3-D plan's batch of 2 is topped up to 16 images, never past 8 batches."""
+    calls = []
+
+    def next_batch():
+        calls.append(1)
+        return torch.zeros(batch_size, 1, 4, 4)
+
+    batches = draw_calibration_batches(next_batch)
+    assert len(batches) == len(calls) == drawn
+    assert sum(len(b) for b in batches) >= min(MIN_CALIBRATION_IMAGES, 8 * batch_size)
 
 
 def _spread_before_norm(network, key, x):
@@ -57,7 +72,13 @@ def test_calibration_keeps_the_function_and_restores_the_gradient(tiny_dataset):
     key = "decoder.stages.0.convs.0.conv.weight"
     assert key in result.layers and not any("transpconvs" in k for k in result.layers)
     assert set(result.layers) == {k for k in report.loaded if k in convs}
-    assert "rescaled to the output spread of nnU-Net's initialisation" in result.summary()
+    assert "rescaled to the output spread of nnU-Net's initialisation on 4 training images" in result.summary()
+    # the same images in two batches: the same spreads, so the same filters (the trainer draws >= 16 images)
+    in_two = build_network(plans_file, seed=1)
+    transfer_pretrained_weights(in_two, ckpt, log=None, scope="pretrained")
+    calibrate_to_reference(in_two, reference, [x[:1], x[1:]], report.loaded)
+    for k, v in calibrated.state_dict().items():
+        torch.testing.assert_close(in_two.state_dict()[k], v, rtol=1e-5, atol=1e-7)
     for k in result.layers:
         goal = _spread_before_norm(reference, k, x).mean()
         torch.testing.assert_close(_spread_before_norm(calibrated, k, x), goal.expand(dict(

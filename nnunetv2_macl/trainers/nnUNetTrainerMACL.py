@@ -79,7 +79,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_macl.trainers.checkpointing import AtomicCheckpointMixin
 from nnunetv2_macl.trainers.schedules import NAMES_KEY, PRETRAINED, ROLE_KEY, FinetuneRecipeMixin
-from nnunetv2_macl.transfer.calibrate import Calibration, calibrate_to_reference
+from nnunetv2_macl.transfer.calibrate import Calibration, calibrate_to_reference, draw_calibration_batches
 from nnunetv2_macl.transfer.find_checkpoint import CheckpointChoice, choose_default_checkpoint
 from nnunetv2_macl.transfer.identity import citation_text
 from nnunetv2_macl.transfer.load_pretrained import (
@@ -262,13 +262,14 @@ class nnUNetTrainerMACL(AtomicCheckpointMixin, FinetuneRecipeMixin, nnUNetTraine
 
     def calibrate_pretrained_filters(self, report: TransferReport) -> Calibration:
         """The rescale recipe: the loaded convolutions' output spread brought to that of nnU-Net's initialisation
-        (:mod:`nnunetv2_macl.transfer.calibrate`), measured on one training batch (the data loaders exist
-        now). Not on ``--c``: the resumed weights were calibrated when that training started."""
+        (:mod:`nnunetv2_macl.transfer.calibrate`), measured on training batches holding at least
+        ``MIN_CALIBRATION_IMAGES`` images (the data loaders exist now). Not on ``--c``: the resumed weights were
+        calibrated when that training started."""
         reference = self.build_network_architecture(
             self.plans_manager, self.configuration_manager, self.num_input_channels,
             self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
-        batch = next(self.dataloader_train)["data"]
-        calibration = calibrate_to_reference(self.network, reference, batch, report.loaded)
+        batches = draw_calibration_batches(lambda: next(self.dataloader_train)["data"])
+        calibration = calibrate_to_reference(self.network, reference, batches, report.loaded)
         if self.is_ddp:  # each rank saw its own batch: every rank takes rank 0's filters
             import torch.distributed as dist
 
