@@ -22,28 +22,32 @@ from nnunetv2_macl.trainers.schedules import FinetuneRecipeMixin as _FinetuneRec
 
 
 class nnUNetTrainerMACL_stock(_macl_trainer_module.nnUNetTrainerMACL):
-    """MACL start, nnU-Net's stock recipe (SGD lr 1e-2, poly decay)."""
+    """MACL encoder start, nnU-Net's stock recipe (SGD lr 1e-2, poly decay)."""
 
     finetune_recipe = "stock"
+    macl_transfer_scope = "encoder"
 
 
 class nnUNetTrainerMACL_warmup(_macl_trainer_module.nnUNetTrainerMACL):
-    """MACL start, linear warm-up to lr 1e-3 then poly decay."""
+    """MACL encoder start, linear warm-up to lr 1e-3 then poly decay."""
 
     finetune_recipe = "warmup"
+    macl_transfer_scope = "encoder"
 
 
 class nnUNetTrainerMACL_encoder(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL start for the encoder only: the pretrained decoder stages are not transferred (stock recipe).
 
-    The default of ``nnUNetTrainerMACL`` today; this name keeps meaning encoder-only if that default moves."""
+    The default of ``nnUNetTrainerMACL`` today; this name keeps meaning encoder-only and stock if that default moves."""
 
+    finetune_recipe = "stock"
     macl_transfer_scope = "encoder"
 
 
 class nnUNetTrainerMACL_paperTransfer(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL start as the paper hands it over: the encoder and the pretrained decoder stages (stock recipe)."""
 
+    finetune_recipe = "stock"
     macl_transfer_scope = "pretrained"
 
 
@@ -51,6 +55,7 @@ class nnUNetTrainerMACL_protect(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL encoder start, protect recipe: pretrained parts frozen while the new ones warm up, then all of it."""
 
     finetune_recipe = "protect"
+    macl_transfer_scope = "encoder"
 
 
 class nnUNetTrainerMACL_paperTransfer_protect(_macl_trainer_module.nnUNetTrainerMACL):
@@ -64,6 +69,7 @@ class nnUNetTrainerMACL_rescale(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL encoder start, rescale recipe: pretrained filters at nnU-Net's initial output spread, stock optimiser."""
 
     finetune_recipe = "rescale"
+    macl_transfer_scope = "encoder"
 
 
 class nnUNetTrainerMACL_paperTransfer_rescale(_macl_trainer_module.nnUNetTrainerMACL):
