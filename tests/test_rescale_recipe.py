@@ -28,6 +28,18 @@ def test_rescale_arms():
         parse_arm("scratch:rescale")
 
 
+def test_the_report_names_each_recipe():
+    """The caption describes every recipe of the table (rescale was described as warm-up before)."""
+    from nnunetv2_macl.fewlabel.report import _recipe_text
+    from nnunetv2_macl.fewlabel.settings import Settings
+    from nnunetv2_macl.trainers.schedules import RECIPES
+
+    s = Settings(methods=("scratch", "macl:rescale"), finetune_epochs=40)
+    texts = {r: _recipe_text(r, s) for r in RECIPES}
+    assert all(text.startswith(f"{r} = ") for r, text in texts.items())
+    assert "output spread of nnU-Net's initialisation" in texts["rescale"] and "warm-up" not in texts["rescale"]
+
+
 @pytest.mark.parametrize("batch_size, drawn", [(32, 1), (16, 1), (12, 2), (2, 8), (1, 8)])
 def test_calibration_draws_enough_images(batch_size, drawn):
     """A 2-D plan's batch is enough; a 3-D plan's batch of 2 is topped up to 16 images, never past 8 batches."""

@@ -291,6 +291,9 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
 def _recipe_text(recipe: str, s: Settings) -> str:
     if recipe == "stock":
         return "stock = nnU-Net's SGD lr 1e-2, poly decay"
+    if recipe == "rescale":
+        return ("rescale = each pretrained convolution before an InstanceNorm scaled to the output spread of nnU-Net's "
+                "initialisation on training images (same function), then the stock recipe")
     from nnunetv2_macl.trainers.schedules import FREEZE_FRACTION, PROTECT_PEAK_LR, WARMUP_FRACTION, WARMUP_PEAK_LR
 
     w = s.warmup_epochs or max(1, round(WARMUP_FRACTION * s.finetune_epochs))
