@@ -26,6 +26,11 @@ def test_rescale_arms():
     assert parse_arm("macl:rescale@encoder").key == "macl_rescale_encoder"
     with pytest.raises(FewLabelError, match="rescale recipe rescales the pretrained filters"):
         parse_arm("scratch:rescale")
+    from nnunetv2_macl.run.fewlabel import DEFAULTS, build_parser, settings_from_args
+
+    args = build_parser().parse_args(["-d", "1", "--recipe", "rescale", "--methods", "scratch,macl"])
+    arms = settings_from_args(args, dict(DEFAULTS)).arms()  # every recipe is a --recipe choice
+    assert [a.trainer for a in arms] == ["nnUNetTrainerScratch_bench", "nnUNetTrainerMACL_rescale_bench"]
 
 
 def test_the_report_names_each_recipe():

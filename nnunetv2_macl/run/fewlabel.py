@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from nnunetv2_macl.errors import USER_ERRORS, UsageError
-from nnunetv2_macl.fewlabel.settings import Settings, validate
+from nnunetv2_macl.fewlabel.settings import RECIPES, Settings, validate
 
 DEFAULTS = dict(budgets=(4, 10, 20), folds=2, methods=("scratch", "macl@encoder"), recipe="stock", split="heldout", n_val=40,
                 pretrain_epochs=10, pretrain_batch_size=16, pretrain_workers=2, finetune_epochs=50, iters=100,
@@ -43,13 +43,14 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budgets", type=_ints, help="labeled training cases M, e.g. 4,10,20")
     g.add_argument("--folds", type=int, help="draws of the training sets over the same validation cases")
     g.add_argument("--methods", type=_names,
-                   help="arms: scratch, macl, pcl, simclr, each optionally :stock or :warmup (e.g. macl:warmup) and, for "
+                   help="arms: scratch, macl, pcl, simclr, each optionally :stock or :warmup (e.g. macl:warmup; a pretrained "
+                        "method also :protect or :rescale) and, for "
                         "a pretrained method, @encoder to transfer its encoder only (e.g. macl@encoder, what "
                         "nnUNetTrainerMACL does; plain macl is the paper's hand-over with the decoder stages); "
                         "plain scratch is nnU-Net's stock recipe, a plain pretrained method takes --recipe; ~E last "
                         "starts from the pretraining's snapshot at epoch E (e.g. macl@encoder~16, with "
                         "--pretrain-extra \"--keep-epochs 16\"): the pretraining-length curve")
-    g.add_argument("--recipe", choices=["stock", "warmup", "protect"], help="fine-tuning recipe of plain pretrained methods")
+    g.add_argument("--recipe", choices=list(RECIPES), help="fine-tuning recipe of plain pretrained methods")
     g.add_argument("--val-cases", "--max-val-cases", dest="n_val", type=int, help="validation cases held out from every training set")
     g.add_argument("--split", choices=["heldout", "kfold"],
                    help="heldout (default: one fixed validation set) or kfold (earlier benchmark: fold f validates on "
