@@ -7,13 +7,13 @@ import pytest
 
 # name -> (finetune_recipe, macl_transfer_scope); scope None: a random start (no MACL weights are loaded)
 TRAINERS = {
-    # what users run
-    "nnUNetTrainerMACL": ("stock", "encoder"),
-    "nnUNetTrainerMACL_1epoch": ("stock", "encoder"),
-    "nnUNetTrainerMACL_5epochs": ("stock", "encoder"),
-    "nnUNetTrainerMACL_10epochs": ("stock", "encoder"),
-    "nnUNetTrainerMACL_50epochs": ("stock", "encoder"),
-    "nnUNetTrainerMACL_100epochs": ("stock", "encoder"),
+    # what users run: the rescale recipe by measurement (issue 29 step 4)
+    "nnUNetTrainerMACL": ("rescale", "encoder"),
+    "nnUNetTrainerMACL_1epoch": ("rescale", "encoder"),
+    "nnUNetTrainerMACL_5epochs": ("rescale", "encoder"),
+    "nnUNetTrainerMACL_10epochs": ("rescale", "encoder"),
+    "nnUNetTrainerMACL_50epochs": ("rescale", "encoder"),
+    "nnUNetTrainerMACL_100epochs": ("rescale", "encoder"),
     "nnUNetTrainerMACL_paperSchedule": ("stock", "encoder"),
     # named recipes and hand-overs (recipe_trainers.py)
     "nnUNetTrainerMACL_stock": ("stock", "encoder"),
@@ -37,7 +37,7 @@ TRAINERS = {
     "nnUNetTrainerScratch_bench": ("stock", None),
     "nnUNetTrainerScratch_warmup_bench": ("warmup", None),
     # the demo's short schedules (demo_trainers.py)
-    "nnUNetTrainerMACL_demo": ("stock", "encoder"),
+    "nnUNetTrainerMACL_demo": ("rescale", "encoder"),
     "nnUNetTrainerScratch_demo": (None, None),
     # random starts on schedules nnU-Net does not ship
     "nnUNetTrainerScratch_1epoch": (None, None),

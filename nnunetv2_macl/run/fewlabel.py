@@ -7,7 +7,7 @@ pretraining with identical splits, seeds and schedule. Writes tables, CSV, a Dic
 curves under ``$nnUNet_results/DatasetXXX_Name/macl_fewlabel/`` (the dataset's own folders are only
 read: the protocol's splits live in a view beside its results)::
 
-    macl_fewlabel -d 4 --budgets 4,10,20 --folds 2 --methods scratch,macl@encoder   # nnUNetTrainerMACL's start
+    macl_fewlabel -d 4 --budgets 4,10,20 --folds 2 --methods scratch,macl:rescale@encoder  # nnUNetTrainerMACL's start
     macl_fewlabel -d 4 --methods scratch,macl@encoder,macl,pcl --resume             # add arms later
     macl_fewlabel -d 4 --report-only
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 from nnunetv2_macl.errors import USER_ERRORS, UsageError
 from nnunetv2_macl.fewlabel.settings import RECIPES, Settings, validate
 
-DEFAULTS = dict(budgets=(4, 10, 20), folds=2, methods=("scratch", "macl@encoder"), recipe="stock", split="heldout", n_val=40,
+DEFAULTS = dict(budgets=(4, 10, 20), folds=2, methods=("scratch", "macl:rescale@encoder"), recipe="stock", split="heldout", n_val=40,
                 pretrain_epochs=10, pretrain_batch_size=16, pretrain_workers=2, finetune_epochs=50, iters=100,
                 val_iters=10, finetune_batch_size=None, save_every=5, jobs=1, overlay_cases=3)
 
@@ -45,7 +45,7 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", type=_names,
                    help="arms: scratch, macl, pcl, simclr, each optionally :stock or :warmup (e.g. macl:warmup; a pretrained "
                         "method also :protect or :rescale) and, for "
-                        "a pretrained method, @encoder to transfer its encoder only (e.g. macl@encoder, what "
+                        "a pretrained method, @encoder to transfer its encoder only (e.g. macl:rescale@encoder, what "
                         "nnUNetTrainerMACL does; plain macl is the paper's hand-over with the decoder stages); "
                         "plain scratch is nnU-Net's stock recipe, a plain pretrained method takes --recipe; ~E last "
                         "starts from the pretraining's snapshot at epoch E (e.g. macl@encoder~16, with "

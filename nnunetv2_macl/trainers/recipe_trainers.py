@@ -1,13 +1,14 @@
 """Named fine-tuning recipes (:mod:`nnunetv2_macl.trainers.schedules`) for stock ``nnUNetv2_train``::
 
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_warmup     # MACL start, warm-up recipe
-    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_stock      # MACL start, nnU-Net's stock recipe
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_stock      # MACL start, nnU-Net's stock recipe (unscaled)
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerScratch_warmup  # random start, warm-up recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only (today's default)
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer  # encoder + pretrained decoder stages
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_protect  # the same, protect recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_protect    # MACL encoder, protect recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_rescale    # MACL encoder, filters at nnU-Net's init spread
+                                                                      # (what nnUNetTrainerMACL does today)
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_rescale  # the hand-over, rescale recipe
 
 ``nnUNetTrainerMACL`` itself uses the recipe of its ``finetune_recipe`` attribute; scratch with the
