@@ -206,7 +206,10 @@ from nnunetv2_macl.trainers.nnUNetTrainerMACL import nnUNetTrainerMACL_1epoch
 
 class nnUNetTrainerMACL_probe(nnUNetTrainerMACL_1epoch):
     """Test-only: 2 short epochs, checkpoint_latest after each; writes the network's weights as they are
-    when training starts to $MACL_TEST_PROBE; $MACL_TEST_INTERRUPT stops the run before epoch 2."""
+    when training starts to $MACL_TEST_PROBE; $MACL_TEST_INTERRUPT stops the run before epoch 2. Stock recipe:
+    it compares the weights that arrive with the file's (the rescale recipe scales them; tested on its own)."""
+
+    finetune_recipe = "stock"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
