@@ -3,7 +3,7 @@
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_warmup     # MACL start, warm-up recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_stock      # MACL start, nnU-Net's stock recipe (unscaled)
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerScratch_warmup  # random start, warm-up recipe
-    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only (today's default)
+    nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_encoder    # MACL encoder only, stock recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer  # encoder + pretrained decoder stages
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_paperTransfer_protect  # the same, protect recipe
     nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerMACL_protect    # MACL encoder, protect recipe
@@ -39,7 +39,8 @@ class nnUNetTrainerMACL_warmup(_macl_trainer_module.nnUNetTrainerMACL):
 class nnUNetTrainerMACL_encoder(_macl_trainer_module.nnUNetTrainerMACL):
     """MACL start for the encoder only: the pretrained decoder stages are not transferred (stock recipe).
 
-    The default of ``nnUNetTrainerMACL`` today; this name keeps meaning encoder-only and stock if that default moves."""
+    ``nnUNetTrainerMACL`` starts from the same encoder and adds the rescale recipe; this name keeps meaning
+    encoder-only and stock whatever that default becomes."""
 
     finetune_recipe = "stock"
     macl_transfer_scope = "encoder"
