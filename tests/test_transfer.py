@@ -642,6 +642,9 @@ def test_paper_schedule_optimizer(tiny_dataset, trainer_env):
     assert lrs[0] == pytest.approx(5e-4) and lrs[-1] == pytest.approx(5e-6)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert lrs[50] == pytest.approx(5e-6 + 0.5 * (5e-4 - 5e-6) * (1 + np.cos(np.pi * 50 / 99)))
+    # the log names the optimiser that runs, not nnU-Net's SGD
+    text = trainer.recipe_description()
+    assert "Adam" in text and "0.0005" in text and "SGD" not in text
 
 
 def test_macl_trainer_path_output(monkeypatch, capsys):

@@ -380,6 +380,10 @@ class nnUNetTrainerMACL_paperSchedule(nnUNetTrainerMACL):
     def configure_optimizers(self):
         return paper_optimizers(self)
 
+    def recipe_description(self) -> str:
+        return (f"fine-tuning recipe: the paper's (Adam, lr {PAPER_INITIAL_LR:g} cosine to {PAPER_MIN_LR:g} over "
+                f"{self.num_epochs} epochs, no weight decay; the weights as pretrained, no rescale)")
+
 
 # ------------------------------------------------------------------------------------ scratch counterparts
 class nnUNetTrainerScratch_1epoch(nnUNetTrainer):
