@@ -111,6 +111,17 @@ def nnunet_env(tmp_path_factory):
         mp.undo()
 
 
+@pytest.fixture()
+def trainer_env(monkeypatch, tmp_path):
+    """Our trainers found through nnUNet_extTrainer, writing into a private nnUNet_results, no MACL_PRETRAINED."""
+    from nnunetv2_macl.run.trainer_path import ext_trainer_value
+
+    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.delenv("MACL_PRETRAINED", raising=False)
+    return tmp_path
+
+
 def _make_tiny(env: dict, dataset_id: int, name: str, configuration: str, shape, num_cases: int) -> dict:
     from nnunetv2_macl.demo.synthetic import make_synthetic_dataset, plan_and_preprocess
 

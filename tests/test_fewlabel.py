@@ -749,15 +749,12 @@ def test_warmup_scheduler_curve(monkeypatch):
         warmup_settings(80)
 
 
-def test_tiny_warmup_training_log_parses_into_a_learning_curve(tiny_dataset, monkeypatch, tmp_path):
+def test_tiny_warmup_training_log_parses_into_a_learning_curve(tiny_dataset, trainer_env, monkeypatch):
     """A real nnU-Net training (nnUNetTrainerScratch_warmup, 4 epochs x 2 iterations) writes the log the
     curves are read from; its learning rates follow the warm-up recipe."""
     from nnunetv2.run.run_training import get_trainer_from_args
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
     from nnunetv2_macl.trainers.schedules import WarmupPolyLRScheduler
 
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setenv("MACL_FT_WARMUP_EPOCHS", "2")
     monkeypatch.delenv("MACL_FT_PEAK_LR", raising=False)
     trainer = get_trainer_from_args(str(tiny_dataset["id"]), "2d", 0, "nnUNetTrainerScratch_warmup",

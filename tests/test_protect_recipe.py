@@ -3,7 +3,6 @@ then every part warmed up, then poly decay; two parameter groups that survive ``
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ from nnunetv2_macl.fewlabel.settings import Settings, parse_arm, validate
 from nnunetv2_macl.fewlabel.splits import make_splits
 from nnunetv2_macl.trainers.schedules import (NAMES_KEY, NEW, PRETRAINED, ROLE_KEY, ProtectLRScheduler,
                                               protect_settings, role_groups)
-from nnunetv2_macl.training.checkpoint import save_checkpoint_atomic
 
-from test_transfer import build_network, macl_checkpoint
+from test_transfer import _trainer, pretrained_for_trainers
 
 ENCODER_KEY = "encoder.stages.0.0.convs.0.conv.weight"      # pretrained in both hand-overs
 HANDED_DECODER_KEY = "decoder.stages.0.convs.0.conv.weight"  # pretrained decoder stage (N = 2)
@@ -97,31 +95,21 @@ def test_protect_arms_trainers_and_fingerprints():
 
 # ------------------------------------------------------------------------------------------------ a real training
 def _protect_trainer(tiny_dataset):
-    from nnunetv2.run.run_training import get_trainer_from_args
-
-    trainer = get_trainer_from_args(str(tiny_dataset["id"]), "2d", 0, "nnUNetTrainerMACL_paperTransfer_protect",
-                                    tiny_dataset["plans"], False, device=torch.device("cpu"))
+    trainer = _trainer(tiny_dataset["id"], tiny_dataset["plans"], "nnUNetTrainerMACL_paperTransfer_protect")
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 4, 2, 1
     trainer.save_every = 1
     return trainer
 
 
-def test_protect_training_freezes_the_handed_over_parts_then_trains_them_and_resumes(tiny_dataset, monkeypatch,
-                                                                                     tmp_path):
+def test_protect_training_freezes_the_handed_over_parts_then_trains_them_and_resumes(tiny_dataset, trainer_env,
+                                                                                     monkeypatch):
     """nnU-Net training with the paper hand-over and the protect recipe (4 epochs x 2 iterations, 2 frozen):
     the encoder and the handed-over decoder stage stay at the checkpoint's values while the new parts move,
     then move too; ``load_checkpoint`` rebuilds the same two groups (roles, names, momentum)."""
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
-
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     _env_clear(monkeypatch)
     monkeypatch.setenv("MACL_FT_FREEZE_EPOCHS", "2")
     monkeypatch.setenv("MACL_FT_WARMUP_EPOCHS", "1")
-    ckpt = macl_checkpoint(build_network(tiny_dataset["plans_file"], seed=0), tiny_dataset["plans_file"])
-    path = tmp_path / "pretrained.pth"
-    save_checkpoint_atomic(ckpt, str(path))
-    monkeypatch.setenv("MACL_PRETRAINED", str(path))
+    ckpt = pretrained_for_trainers(tiny_dataset, trainer_env, monkeypatch)
 
     trainer = _protect_trainer(tiny_dataset)
     seen = []

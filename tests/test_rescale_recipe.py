@@ -3,7 +3,6 @@ follows are rescaled, filter by filter, to the output spread of nnU-Net's initia
 function, nnU-Net's gradient scale), then nnU-Net's stock optimiser."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,11 @@ import torch
 
 from nnunetv2_macl.errors import FewLabelError
 from nnunetv2_macl.fewlabel.settings import parse_arm
-from nnunetv2_macl.training.checkpoint import save_checkpoint_atomic
 from nnunetv2_macl.transfer import transfer_pretrained_weights
 from nnunetv2_macl.transfer.calibrate import (MIN_CALIBRATION_IMAGES, calibrate_to_reference,
                                               draw_calibration_batches, normalised_convolutions)
 
-from test_transfer import _arch, build_network, macl_checkpoint
+from test_transfer import _arch, _trainer, build_network, macl_checkpoint, pretrained_for_trainers
 
 
 def test_rescale_arms():
@@ -123,22 +121,13 @@ def test_calibration_keeps_the_function_and_restores_the_gradient(tiny_dataset):
 
 @pytest.mark.parametrize("trainer_name, decoder_rescaled", [("nnUNetTrainerMACL_paperTransfer_rescale", True),
                                                             ("nnUNetTrainerMACL_rescale", False)])
-def test_the_trainer_calibrates_what_it_handed_over(tiny_dataset, monkeypatch, tmp_path, trainer_name,
+def test_the_trainer_calibrates_what_it_handed_over(tiny_dataset, trainer_env, monkeypatch, trainer_name,
                                                     decoder_rescaled):
     """nnU-Net's trainer with the rescale recipe: at training start the loaded normalised convolutions (the
     decoder stages only in the hand-over) are rescaled filter by filter (positive factors), nothing else moves,
     the optimiser is nnU-Net's own and the log says so."""
-    from nnunetv2.run.run_training import get_trainer_from_args
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
-
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    ckpt = macl_checkpoint(build_network(tiny_dataset["plans_file"], seed=0), tiny_dataset["plans_file"])
-    path = tmp_path / "pretrained.pth"
-    save_checkpoint_atomic(ckpt, str(path))
-    monkeypatch.setenv("MACL_PRETRAINED", str(path))
-    trainer = get_trainer_from_args(str(tiny_dataset["id"]), "2d", 0, trainer_name, tiny_dataset["plans"], False,
-                                    device=torch.device("cpu"))
+    ckpt = pretrained_for_trainers(tiny_dataset, trainer_env, monkeypatch)
+    trainer = _trainer(tiny_dataset["id"], tiny_dataset["plans"], trainer_name)
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 1, 1, 1
     trainer.on_train_start()
     try:

@@ -61,12 +61,9 @@ def test_the_trainers_a_run_resumes_write_atomically(monkeypatch):
         assert names.index("AtomicCheckpointMixin") < names.index("nnUNetTrainer"), name
 
 
-def test_a_real_trainer_checkpoint_loads_after_the_rename(tiny_dataset, tmp_path, monkeypatch):
+def test_a_real_trainer_checkpoint_loads_after_the_rename(tiny_dataset, trainer_env):
     from nnunetv2.run.run_training import get_trainer_from_args
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
 
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     trainer = get_trainer_from_args(str(tiny_dataset["id"]), "2d", 0, "nnUNetTrainerScratch_bench",
                                     tiny_dataset["plans"], False, device=torch.device("cpu"))
     trainer.initialize()

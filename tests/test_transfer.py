@@ -547,15 +547,14 @@ def _trainer(dataset_id, plans, trainer_name="nnUNetTrainerMACL"):
     return get_trainer_from_args(str(dataset_id), "2d", 0, trainer_name, plans, False, device=torch.device("cpu"))
 
 
-@pytest.fixture()
-def trainer_env(monkeypatch, tmp_path):
-    """Trainers found through nnUNet_extTrainer, writing into a private nnUNet_results."""
-    from nnunetv2_macl.run.trainer_path import ext_trainer_value
-
-    monkeypatch.setenv("nnUNet_extTrainer", ext_trainer_value(os.environ.get("nnUNet_extTrainer")))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.delenv("MACL_PRETRAINED", raising=False)
-    return tmp_path
+def pretrained_for_trainers(dataset: dict, folder: Path, monkeypatch) -> dict:
+    """A MACL checkpoint of ``dataset``'s plans (seed 0) saved in ``folder`` and named by ``MACL_PRETRAINED``, as a
+    user's pretraining would be; returns the checkpoint (``trainer_env`` in conftest finds the trainers)."""
+    ckpt = macl_checkpoint(build_network(dataset["plans_file"], seed=0), dataset["plans_file"])
+    path = Path(folder) / "pretrained.pth"
+    save_checkpoint_atomic(ckpt, str(path))
+    monkeypatch.setenv("MACL_PRETRAINED", str(path))
+    return ckpt
 
 
 def test_cross_dataset_transfer_with_moved_plans(tiny_dataset, dataset_b, trainer_env, monkeypatch):
