@@ -19,6 +19,7 @@ import contextlib
 import io
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -29,6 +30,7 @@ CLASS_COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf
                  "#8c564b", "#7f7f7f")
 LOSS_STYLES = {"total": ("k", 2.5), "Lg": ("#1f77b4", 1.8), "Ld": ("#d62728", 1.8), "LER": ("#2ca02c", 1.8)}
 OVERLAY_ALPHA = 0.55
+PANEL_TITLE_CHARS = 24  # what a 1.9-inch panel holds at font size 8
 
 
 def _pyplot():
@@ -84,6 +86,24 @@ def _check_rows(rows: Sequence[Mapping], method_names: Sequence[str]) -> None:
                 raise ValueError(f"row {i}: {name} has shape {arr.shape}, the image {image.shape}")
 
 
+def panel_title(name: str, score: float | None = None) -> str:
+    """``name (score %)`` on lines of at most ``PANEL_TITLE_CHARS`` characters (whole words), so that the titles of
+    neighbouring panels never run into each other ("MACL (rescale, paper transfer) (74.7)" takes two lines)."""
+    text = name if score is None or not math.isfinite(score) else f"{name} ({100 * score:.1f})"
+    return textwrap.fill(text, PANEL_TITLE_CHARS, break_long_words=False, break_on_hyphens=False)
+
+
+def title_lines(rows: Sequence[Mapping], method_names: Sequence[str]) -> int:
+    """The most lines any prediction panel's title takes (:func:`panel_title`), at least 1."""
+    return max([1] + [panel_title(m, (row.get("scores") or {}).get(m)).count("\n") + 1
+                      for row in rows for m in method_names])
+
+
+def panel_rows_height(rows: Sequence[Mapping], method_names: Sequence[str]) -> float:
+    """Inches for the panel rows: 2.0 a row, plus room for each title line beyond the first."""
+    return (2.0 + 0.15 * (title_lines(rows, method_names) - 1)) * len(rows)
+
+
 def draw_segmentation_panels(fig, area, rows: Sequence[Mapping], method_names: Sequence[str],
                              label_names: Mapping[int, str] | None = None) -> np.ndarray:
     """Draw the panel grid into ``area`` (a matplotlib SubplotSpec of ``fig``); returns the axes
@@ -91,7 +111,9 @@ def draw_segmentation_panels(fig, area, rows: Sequence[Mapping], method_names: S
     _check_rows(rows, method_names)
     ncol = 2 + len(method_names)
     titled_rows = any(row.get("scores") for row in rows)  # every row then has titles (the scores)
-    grid = area.subgridspec(len(rows), ncol, wspace=0.04, hspace=0.3 if titled_rows else 0.08)
+    lines = title_lines(rows, method_names)
+    grid = area.subgridspec(len(rows), ncol, wspace=0.04,
+                            hspace=(0.3 + 0.15 * (lines - 1)) if titled_rows else 0.08)
     axes = np.empty((len(rows), ncol), dtype=object)
     labels_seen: set[int] = set()
     for r, row in enumerate(rows):
@@ -100,8 +122,7 @@ def draw_segmentation_panels(fig, area, rows: Sequence[Mapping], method_names: S
         scores = row.get("scores") or {}
         panels = [("image", None), ("reference", row["reference"])]
         for m in method_names:
-            s = scores.get(m)
-            panels.append((m if s is None or not math.isfinite(s) else f"{m} ({100 * s:.1f})", row["predictions"][m]))
+            panels.append((panel_title(m, scores.get(m)), row["predictions"][m]))
         for c, (title, seg) in enumerate(panels):
             ax = fig.add_subplot(grid[r, c])
             axes[r, c] = ax
@@ -150,9 +171,11 @@ def plot_segmentation_panels(rows: Sequence[Mapping], method_names: Sequence[str
     _check_rows(rows, method_names)  # before a figure exists
     plt = _pyplot()
     ncol = 2 + len(method_names)
-    fig = plt.figure(figsize=(1.9 * ncol + 1.2, 2.0 * len(rows) + (0.4 if title else 0.1)), dpi=110)
-    draw_segmentation_panels(fig, fig.add_gridspec(1, 1, top=0.93 if title else 0.98)[0], rows, method_names,
-                             label_names)
+    extra = 0.15 * (title_lines(rows, method_names) - 1)  # the first row's wrapped titles stay below the title
+    height = panel_rows_height(rows, method_names) + (0.4 if title else 0.1) + extra
+    fig = plt.figure(figsize=(1.9 * ncol + 1.2, height), dpi=110)
+    draw_segmentation_panels(fig, fig.add_gridspec(1, 1, top=(0.93 if title else 0.98) - extra / height)[0], rows,
+                             method_names, label_names)
     return save_figure(fig, path, title)
 
 
@@ -199,9 +222,9 @@ def plot_losses_and_panels(logging: Mapping[str, Sequence[float]], chance: float
     plt = _pyplot()
     ncol = 2 + len(method_names)
     width = 1.9 * ncol + 1.2
-    loss_height = 2.6
-    fig = plt.figure(figsize=(width, loss_height + 2.0 * len(rows) + 0.6), dpi=110)
-    outer = fig.add_gridspec(2, 1, height_ratios=[loss_height, 2.0 * len(rows)], hspace=0.2, top=0.92)
+    loss_height, panels_height = 2.6, panel_rows_height(rows, method_names)
+    fig = plt.figure(figsize=(width, loss_height + panels_height + 0.6), dpi=110)
+    outer = fig.add_gridspec(2, 1, height_ratios=[loss_height, panels_height], hspace=0.2, top=0.92)
     top = outer[0].subgridspec(1, 3, width_ratios=[0.08, 0.62, 0.30])
     ax = fig.add_subplot(top[0, 1])
     plot_pretraining_losses(ax, logging, chance)

@@ -69,6 +69,39 @@ def test_segmentation_panels_any_methods_classes_and_sizes(tmp_path, methods, n_
         assert (dist < 0.06).sum() > 20, f"colour of class {k} not found"
 
 
+def test_long_method_names_wrap_instead_of_running_into_the_next_panel(tmp_path):
+    """The Heart overlay's four arms: titles such as "MACL (rescale, paper transfer) (74.7)" are wider than a panel
+    at font size 8; they wrap onto whole-word lines that fit, the score stays, and the panels get taller."""
+    methods = ["scratch", "MACL (encoder only)", "MACL (rescale, paper transfer)", "MACL (rescale, encoder only)"]
+    rows = _rows([(24, 40), (32, 32)], 1, methods)
+    for row in rows:
+        row["scores"] = {m: 0.7 + 0.01 * i for i, m in enumerate(methods)}
+    title = figures.panel_title(methods[2], 0.747)
+    assert title == "MACL (rescale, paper\ntransfer) (74.7)"
+    assert figures.panel_title("scratch", 0.704) == "scratch (70.4)" and figures.panel_title("A", None) == "A"
+    assert figures.panel_title("x" * 30, float("nan")) == "x" * 30  # a long word stays whole, no score
+    assert figures.title_lines(rows, methods) == 2 and figures.title_lines(rows, methods[:1]) == 1
+    assert figures.panel_rows_height(rows, methods[:1]) == pytest.approx(2 * 2.0)
+    assert figures.panel_rows_height(rows, methods) == pytest.approx(2 * 2.15)  # room for the second title line
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(1.9 * 6 + 1.2, figures.panel_rows_height(rows, methods)), dpi=110)
+    axes = figures.draw_segmentation_panels(fig, fig.add_gridspec(1, 1)[0], rows, methods)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for r in range(len(rows)):
+        boxes = [axes[r, c].title.get_window_extent(renderer) for c in range(2, 6)]
+        assert all(b.x1 <= n.x0 for b, n in zip(boxes, boxes[1:])), [(b.x0, b.x1) for b in boxes]
+        assert axes[r, 4].get_title() == "MACL (rescale, paper\ntransfer) (" + f"{100 * rows[r]['scores'][methods[2]]:.1f})"
+    plt.close(fig)
+    out = plot_segmentation_panels(rows, methods, tmp_path / "wrapped.png", title="t")
+    assert _png_pixels(out).shape[0] > 2 * 200
+
+
 def test_segmentation_panels_refuse_bad_rows(tmp_path):
     rows = _rows([(16, 16)], 2, ["A"])
     with pytest.raises(ValueError, match="no prediction for"):
