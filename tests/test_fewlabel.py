@@ -126,8 +126,11 @@ def test_arms_and_settings():
     assert enc == Arm("macl", "stock", "encoder") and enc.key == "macl_encoder" and "encoder only" in enc.label
     assert enc.trainer == "nnUNetTrainerMACL_encoder_bench"
     assert parse_arm("macl:warmup@encoder").trainer == "nnUNetTrainerMACL_warmup_encoder_bench"
-    # the plain macl arm is the paper's hand-over whatever nnUNetTrainerMACL's default; its label says so
-    assert parse_arm("macl").label == "MACL (paper transfer)" and parse_arm("pcl").label == "PCL"
+    # the plain macl arm is the paper's hand-over whatever nnUNetTrainerMACL's default; its label says so, and a
+    # pretrained start names its recipe even when stock (nnUNetTrainerMACL's own is rescale)
+    assert parse_arm("macl").label == "MACL (stock, paper transfer)" and parse_arm("pcl").label == "PCL (stock)"
+    assert parse_arm("scratch").label == "scratch" and parse_arm("scratch:warmup").label == "scratch (warmup)"
+    assert parse_arm("macl:rescale@encoder").label == "MACL (rescale, encoder only)"
     assert parse_arm("macl:warmup@encoder").label == "MACL (warmup, encoder only)"
     with pytest.raises(FewLabelError, match="pretrained method"):
         parse_arm("scratch@encoder")
@@ -146,7 +149,7 @@ def test_snapshot_arms_parse_and_are_checked_against_the_kept_epochs():
     snap = parse_arm("macl@encoder~16")
     assert snap == Arm("macl", "stock", "encoder", 16) and snap.key == "macl_encoder_e16"
     assert snap.trainer == parse_arm("macl@encoder").trainer                  # the same fine-tuning, another start
-    assert snap.label == "MACL (encoder only, pretraining epoch 16)"
+    assert snap.label == "MACL (stock, encoder only, pretraining epoch 16)"
     assert parse_arm("macl:warmup~4").key == "macl_warmup_e4" and parse_arm("macl").snapshot is None
     for bad, match in (("scratch~4", "pretraining epoch"), ("macl~x", "positive number"), ("macl~0", "positive"),
                        ("macl~4@encoder", "positive number")):
@@ -222,8 +225,8 @@ def test_the_pretraining_length_report(tmp_path):
     result = rp.write_report(out)
     md = (out / "report" / "fewlabel_table.md").read_text()
     assert "snapshot at epoch E of the 2-epoch pretraining, not an E-epoch pretraining" in md
-    assert "| MACL (encoder only) | 1 | 2 | 71.50 ± 0.71 | +1.00 ± 0.00 | 0.750 | 2.500 | 0.1000 |" in md
-    assert "| MACL (encoder only) | 2 | 2 | 73.50 ± 0.71 | +3.00 ± 0.00 | 0.500 | 2.000 | 0.0200 |" in md
+    assert "| MACL (stock, encoder only) | 1 | 2 | 71.50 ± 0.71 | +1.00 ± 0.00 | 0.750 | 2.500 | 0.1000 |" in md
+    assert "| MACL (stock, encoder only) | 2 | 2 | 73.50 ± 0.71 | +3.00 ± 0.00 | 0.500 | 2.000 | 0.0200 |" in md
     assert "| scratch | – | 2 | 70.50 ± 0.71 | (reference) |" in md
     (plot,) = result["paths"]["pretraining_length"]
     assert plot.endswith("fewlabel_pretraining_length_M2.png") and Path(plot).read_bytes()[:8] == PNG_MAGIC
@@ -365,16 +368,16 @@ def test_report_table_spread_and_caption(fake_out):
     assert float(m2["dice_mean_sd"]) == pytest.approx(np.std([0.69, 0.67], ddof=1))
     assert float(m2["delta_vs_scratch_mean"]) == pytest.approx(0.03)
     md = (report / "fewlabel_table.md").read_text()
-    assert "| 2 | MACL (paper transfer) | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 |" in md
+    assert "| 2 | MACL (stock, paper transfer) | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 |" in md
     assert "on 3 validation cases, the same for every fold and M, in no training set" in md
     assert "on the images of 9 cases: the validation cases EXCLUDED" in md and "Not in the table" not in md
     for p in [result["paths"]["plot"], *result["paths"]["curves"]]:
         assert Path(p).read_bytes()[:8] == PNG_MAGIC
     curves = json.loads((report / "fewlabel_curves.json").read_text())
-    c = curves["2"]["MACL (paper transfer)"][0]
+    c = curves["2"]["MACL (stock, paper transfer)"][0]
     assert c["iterations"] == [5, 10] and c["pseudo_dice"] == pytest.approx([0.4, 0.5])   # mean of the classes
     assert c["final_iterations"] == 10 and c["final_dice"] == pytest.approx(0.69)
-    assert "pseudo-Dice gain in the last quarter" in md and "| 2 | MACL (paper transfer) | 2 | – (run too short) |" in md
+    assert "pseudo-Dice gain in the last quarter" in md and "| 2 | MACL (stock, paper transfer) | 2 | – (run too short) |" in md
 
 
 def test_last_quarter_gain():
@@ -832,7 +835,7 @@ def one_class_dataset(nnunet_env):
 
 @pytest.mark.e2e
 def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(one_class_dataset, nnunet_env):
-    """``macl_fewlabel`` on a one-class dataset: 4 held-out cases, M in {1, 2}, scratch and MACL (encoder only)
+    """``macl_fewlabel`` on a one-class dataset: 4 held-out cases, M in {1, 2}, scratch and MACL (stock, encoder only)
     pretrained with ``--pretrain-extra "--lr 0.01"``; macl_pretrain ran with the configuration the fingerprint
     holds, and --resume reuses everything."""
     from nnunetv2_macl.fewlabel.pretraining import shaping_part
@@ -856,7 +859,7 @@ def test_macl_fewlabel_one_class_one_and_two_labelled_cases_with_pretrain_extra(
     assert "checkpoint_final.pth" in (logs / "train_macl_encoder_M1_f0.log").read_text()
     assert "checkpoint_epoch_1.pth" not in (logs / "train_macl_encoder_M1_f0.log").read_text()
     assert len(result["paths"]["pretraining_length"]) == 2
-    assert "| MACL (encoder only) | 1 | 1 |" in (out / "report" / "fewlabel_table.md").read_text()
+    assert "| MACL (stock, encoder only) | 1 | 1 |" in (out / "report" / "fewlabel_table.md").read_text()
     assert all(set(k[5:] for k in r if k.startswith("dice_")) == {"mean", "structure"} for r in result["runs"])
     assert "structure (%)" not in result["table_markdown"] and "one foreground class, structure" in result["caption"]
     assert "`macl_pretrain --method <m> --lr 0.01 --keep-epochs 1`" in result["caption"]

@@ -72,7 +72,7 @@ def test_segmentation_panels_any_methods_classes_and_sizes(tmp_path, methods, n_
 def test_long_method_names_wrap_instead_of_running_into_the_next_panel(tmp_path):
     """The Heart overlay's four arms: titles such as "MACL (rescale, paper transfer) (74.7)" are wider than a panel
     at font size 8; they wrap onto whole-word lines that fit, the score stays, and the panels get taller."""
-    methods = ["scratch", "MACL (encoder only)", "MACL (rescale, paper transfer)", "MACL (rescale, encoder only)"]
+    methods = ["scratch", "MACL (stock, encoder only)", "MACL (rescale, paper transfer)", "MACL (rescale, encoder only)"]
     rows = _rows([(24, 40), (32, 32)], 1, methods)
     for row in rows:
         row["scores"] = {m: 0.7 + 0.01 * i for i, m in enumerate(methods)}

@@ -41,7 +41,8 @@ class Arm:
 
     @property
     def label(self) -> str:
-        extras = [r for r in (self.recipe,) if r != "stock"]
+        # a pretrained start always names its recipe: nnUNetTrainerMACL's is rescale, so "stock" must show
+        extras = [self.recipe] if self.pretrained or self.recipe != "stock" else []
         if self.transfer == "encoder":
             extras.append("encoder only")
         elif self.method == "macl":  # MACL alone pretrains decoder stages: say that its row hands them over
