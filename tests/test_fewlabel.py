@@ -368,7 +368,8 @@ def test_report_table_spread_and_caption(fake_out):
     assert float(m2["dice_mean_sd"]) == pytest.approx(np.std([0.69, 0.67], ddof=1))
     assert float(m2["delta_vs_scratch_mean"]) == pytest.approx(0.03)
     md = (report / "fewlabel_table.md").read_text()
-    assert "| 2 | MACL (stock, paper transfer) | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 |" in md
+    assert "| 2 | MACL (stock, paper transfer) | 2 | 68.00 ± 1.41 | 63.00 ± 1.41 | 73.00 ± 1.41 | +3.00 ± 1.41 | 6 / 6 |" in md
+    assert int(m2["cases_above_scratch"]) == 6 and int(m2["cases_paired"]) == 6  # 3 validation cases x 2 folds
     assert "on 3 validation cases, the same for every fold and M, in no training set" in md
     assert "on the images of 9 cases: the validation cases EXCLUDED" in md and "Not in the table" not in md
     for p in [result["paths"]["plot"], *result["paths"]["curves"]]:
@@ -522,6 +523,22 @@ def test_a_fold_without_foreground_leaves_the_difference_to_scratch_defined():
     assert agg["macl_encoder"]["delta_vs_scratch_mean"] == pytest.approx(0.05)
     assert agg["macl_encoder"]["delta_n_folds"] == 1 and agg["macl_encoder"]["dice_mean_mean"] == pytest.approx(0.55)
     assert "nan" not in rp.markdown_table(list(agg.values()), [])
+
+
+def test_cases_above_scratch_pairs_each_case_with_scratch_on_its_own_fold():
+    """A mean can hinge on one case: the count pairs case by case, fold by fold, and skips what scratch lacks."""
+    scratch = [{"fold": 0, "per_case": {"a": 0.5, "b": 0.7, "c": 0.9}}, {"fold": 1, "per_case": {"a": 0.6, "b": 0.6}}]
+    mine = [{"fold": 0, "per_case": {"a": 0.9, "b": 0.6, "c": float("nan")}},   # above on a, below on b, c unscored
+            {"fold": 1, "per_case": {"a": 0.61, "b": 0.6, "d": 0.99}},          # above on a, tie on b, d not in scratch
+            {"fold": 2, "per_case": {"a": 1.0}}]                                # no scratch on fold 2
+    assert rp.cases_above(mine, scratch) == (2, 4)
+    assert rp.cases_above(mine, []) == (0, 0)
+    arms = [parse_arm("scratch"), parse_arm("macl@encoder")]
+    rows = [{"arm": "scratch", "budget": 1, "dice_mean": 0.7, **r} for r in scratch[:1]] + \
+           [{"arm": "macl_encoder", "budget": 1, "dice_mean": 0.75, **r} for r in mine[:1]]
+    agg = rp.aggregate(rows, arms, [1])
+    table = rp.markdown_table(agg, [])
+    assert "| +5.00 | 1 / 2 |" in table and "| (reference) | – |" in table
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints

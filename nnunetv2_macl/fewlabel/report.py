@@ -146,8 +146,20 @@ def aggregate(rows: list[dict], arms: Sequence[Arm], budgets: Sequence[int]) -> 
                 rec["delta_vs_scratch_mean"] = float(np.mean(diffs)) if diffs else None
                 rec["delta_vs_scratch_sd"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
                 rec["delta_n_folds"] = len(diffs)
+                rec["cases_above_scratch"], rec["cases_paired"] = cases_above(sel, [r for r in rows if r["arm"] == "scratch" and r["budget"] == b])
             out.append(rec)
     return out
+
+
+def cases_above(mine: Sequence[dict], scratch: Sequence[dict]) -> tuple[int, int]:
+    """``(above, paired)``: of the (fold, validation case) pairs that both a start's runs ``mine`` and scratch's
+    runs of the same folds scored (finite Dice), how many the start scored higher. A mean over a few cases can
+    hinge on one case: this says whether a difference is broad or carried by a few."""
+    theirs = {r["fold"]: r.get("per_case") or {} for r in scratch}
+    pairs = [(v, theirs[r["fold"]][c]) for r in mine if r["fold"] in theirs
+             for c, v in (r.get("per_case") or {}).items() if c in theirs[r["fold"]]]
+    pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    return sum(a > b for a, b in pairs), len(pairs)
 
 
 # ============================================================================================ writing
@@ -160,10 +172,18 @@ def _pct(v: float | None, sd: float | None = None) -> str:
     return text
 
 
+def _above(r: dict) -> str:
+    """``"k / n"``: validation cases (over the paired folds) on which a start beat scratch."""
+    if r["arm"] == "scratch" or not r.get("cases_paired"):
+        return "–"
+    return f"{r['cases_above_scratch']} / {r['cases_paired']}"
+
+
 def markdown_table(agg: list[dict], class_names: Sequence[str]) -> str:
     """One row per (budget, arm); a column per class in ``class_names`` (pass none for a dataset with one
     foreground class, whose Dice is the foreground mean)."""
-    head = ["M", "method", "folds", "Dice mean (%)"] + [f"{c} (%)" for c in class_names] + ["Δ mean vs scratch (pp)"]
+    head = ["M", "method", "folds", "Dice mean (%)"] + [f"{c} (%)" for c in class_names] + \
+        ["Δ mean vs scratch (pp)", "cases above scratch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in agg:
         if r["n_folds"] == 0:
@@ -178,7 +198,7 @@ def markdown_table(agg: list[dict], class_names: Sequence[str]) -> str:
                 delta = f"{100 * d:+.2f}" + (f" ± {100 * sd:.2f}" if sd is not None else "")
             cells = [str(r["budget"]), r["label"], str(r["n_folds"]),
                      _pct(r["dice_mean_mean"], r["dice_mean_sd"])] + \
-                    [_pct(r.get(f"dice_{c}_mean"), r.get(f"dice_{c}_sd")) for c in class_names] + [delta]
+                    [_pct(r.get(f"dice_{c}_mean"), r.get(f"dice_{c}_sd")) for c in class_names] + [delta, _above(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -195,7 +215,7 @@ def write_csvs(rows: list[dict], agg: list[dict], class_names: Sequence[str], re
             w.writerow(r)
     cols = ["budget", "arm", "method", "n_folds", "dice_mean_mean", "dice_mean_sd"] + \
         [f"dice_{c}_{x}" for c in class_names for x in ("mean", "sd")] + \
-        ["delta_vs_scratch_mean", "delta_vs_scratch_sd", "delta_n_folds"]
+        ["delta_vs_scratch_mean", "delta_vs_scratch_sd", "delta_n_folds", "cases_above_scratch", "cases_paired"]
     with open(summary_csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -262,7 +282,8 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
     lines = [
         f"Dataset {info['dataset']}, nnU-Net `{s.configuration}` ({s.plans}); validation Dice = foreground mean"
         f"{one_class} of nnU-Net's full validation (`fold_X/validation/summary.json`) on {val_text}; mean ± sample "
-        f"sd over the folds; 'Δ' = paired difference to scratch on the same folds (percentage points).",
+        f"sd over the folds; 'Δ' = paired difference to scratch on the same folds (percentage points); 'cases above scratch' = "
+        f"validation cases, counted once per paired fold, on which the start's Dice is higher than scratch's.",
         f"Training sets: {s.folds} fold(s) = different seeded draws of nested sets (M = "
         f"{', '.join(map(str, meta['budgets']))}; the M cases of a smaller budget are among those of a larger "
         f"one); identical for every method.",
