@@ -298,6 +298,15 @@ def test_run_tasks_deadlines_cut():
     assert [t.status for t in tasks] == ["done", "cut", "cut"] and "deadline" in tasks[1].message
 
 
+def test_deadline_zero_starts_nothing_however_fast_the_staging():
+    """``--deadline-min 0`` (deadline = the start) stages and reports only; a small positive one could still
+    start the first run when staging took less than it (it did: 0.01 min started a 25-minute training)."""
+    tasks = _tasks(("scratch",), (2, 4))
+    started: list[str] = []
+    runner.run_tasks(tasks, 1, lambda t, timeout: started.append(t.key), deadline=time.perf_counter())
+    assert started == [] and {t.status for t in tasks} == {"cut"}
+
+
 # ------------------------------------------------------------------------------------------------ report
 def _summary(cases, dice):
     per_case = [{"reference_file": f"/gt/{c}.nii.gz", "prediction_file": f"/x/{c}.nii.gz",

@@ -168,7 +168,7 @@ def run_tasks(tasks: list[Task], jobs: int, execute_one, check=None, deadline: f
                 if t.status == "pending" and bad:
                     t.status, t.message = "skipped", f"{bad[0]} {by_key[bad[0]].status}"
             pending = [t for t in tasks if t.status == "pending"]
-            if deadline is not None and time.perf_counter() > deadline:
+            if deadline is not None and time.perf_counter() >= deadline:  # --deadline-min 0: start none
                 for t in pending:
                     t.status, t.message = "cut", "not started: past the deadline for starting runs"
                 pending = []

@@ -86,7 +86,8 @@ def add_protocol_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--device", choices=["cpu", "cuda"])
     r.add_argument("--jobs", type=int, help="pretrainings/trainings at a time")
     r.add_argument("--procs", type=int, help="nnU-Net worker processes per run")
-    r.add_argument("--deadline-min", type=float, help="start no run after this many minutes (listed as cut)")
+    r.add_argument("--deadline-min", type=float, help="start no run after this many minutes, counted from the command's start (listed as cut); "
+                   "0 starts none: stage, reuse what fits (--resume) and rebuild the report with these settings")
     r.add_argument("--hard-deadline-min", type=float, help="stop runs still going at this many minutes")
     r.add_argument("--overlay-cases", type=int)
     r.add_argument("--resume", action="store_true",
