@@ -435,6 +435,19 @@ def test_failed_runs_and_other_validation_cases_never_enter_a_table(fake_out):
     assert agg[(2, "macl")]["excluded_folds"] == [1]
     md = (out / "report" / "fewlabel_table.md").read_text()
     assert "train:macl:M4:f1: failed" in md and "validated on other cases" in md
+    # a start with no result at a budget (here: both its runs failed) empties only its own row
+    for t in tasks:
+        if t.key == "train:macl:M4:f0":
+            t.status, t.message = "failed", "StepError: exit status 1"
+    records.write_run_log(out, tasks)
+    agg = {(r["budget"], r["arm"]): r for r in rp.write_report(out)["summary"]}
+    assert agg[(4, "scratch")]["n_folds"] == 2 and agg[(4, "macl")]["n_folds"] == 0
+    assert agg[(2, "macl")]["n_folds"] == 1                                          # M = 2 is as before
+    md = (out / "report" / "fewlabel_table.md").read_text()
+    assert "| 4 | MACL (stock, paper transfer) | 0 |" in md and "No result at all" in md and "M=4" in md
+    for t in tasks:
+        if t.key == "train:macl:M4:f0":
+            t.status, t.message = "done", ""
     assert "0.99" not in (out / "report" / "fewlabel_runs.csv").read_text()
     # what was running: "running" while its runner is alive (--report-only during a measurement), "cut" after
     failed.status = "running"

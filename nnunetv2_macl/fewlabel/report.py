@@ -114,8 +114,10 @@ def _class_names(rows: list[dict]) -> list[str]:
 
 
 def complete_folds(rows: list[dict], arms: Sequence[str], budget: int) -> list[int]:
-    """Folds of ``budget`` for which every arm has a result."""
-    have = [{r["fold"] for r in rows if r["arm"] == m and r["budget"] == budget} for m in arms]
+    """Folds of ``budget`` for which every arm that has any result at ``budget`` has one. An arm with none
+    (not run yet, or every run failed) gets an empty row instead of emptying the others' (adding a start to a
+    workdir, or one measured at fewer budgets, leaves the finished comparison readable)."""
+    have = [f for f in ({r["fold"] for r in rows if r["arm"] == m and r["budget"] == budget} for m in arms) if f]
     return sorted(set.intersection(*have)) if have else []
 
 
@@ -300,6 +302,9 @@ def caption(s: Settings, info: dict, plan: dict, excluded: list[dict], agg: list
             f"{s.pretrain_batch_size}, once per method, no labels, on the images of {info.get('pretrain_cases')} "
             f"cases: " + ("the validation cases INCLUDED (--pretrain-on-all, as the paper did)." if s.pretrain_on_all
                           else "the validation cases EXCLUDED."))
+    missing = [f"{r['label']} M={r['budget']}" for r in agg if r["n_folds"] == 0]
+    if missing:
+        lines.append("No result at all (an empty row, left out of the others' common folds): " + ", ".join(missing) + ".")
     left_out = [f"{r['label']} M={r['budget']} fold {f}" for r in agg for f in r.get("excluded_folds", [])]
     if left_out:
         lines.append("Finished but left out because another arm has no result on that fold: "
