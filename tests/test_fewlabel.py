@@ -220,7 +220,8 @@ def test_the_pretraining_length_report(tmp_path):
     records.write_run_log(out, tasks)
     pre = records.pretrain_folder(out, "macl", name, s)
     pre.mkdir(parents=True)
-    torch.save({"logging": {"epoch": [1, 2], "Lg": [3.0, 2.0], "Lg_chance": [4.0, 4.0], "Ld": [2.5, 2.0],
+    # logged as the pretrainer logs: epoch index 0 is the row of snapshot 1 (test_pretrain_length checks that)
+    torch.save({"logging": {"epoch": [0, 1], "Lg": [3.0, 2.0], "Lg_chance": [4.0, 4.0], "Ld": [2.5, 2.0],
                             "LER": [0.1, 0.02]}, "macl": {"epochs": 2}}, pre / "checkpoint_final.pth")
     result = rp.write_report(out)
     md = (out / "report" / "fewlabel_table.md").read_text()

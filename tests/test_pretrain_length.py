@@ -82,6 +82,11 @@ def test_keep_epochs_snapshots_equal_a_run_stopped_there(nnunet_env, tiny_datase
     assert first["macl"]["epoch"] == 1
     assert any(not torch.equal(first["network_weights"][k], snap["network_weights"][k]) for k in first["network_weights"])
     assert not (whole["output"] / kept_checkpoint_name(3)).exists()  # only the listed epochs
+    # the length report reads a snapshot's losses from the log row of the epoch it was kept after
+    from nnunetv2_macl.fewlabel.pretraining_length import completed_epochs
+    final = load_checkpoint(str(whole["output"] / "checkpoint_final.pth"))
+    assert completed_epochs(snap["logging"]) == [1, 2] and completed_epochs(final["logging"]) == [1, 2, 3]
+    assert final["logging"]["Ld"][completed_epochs(final["logging"]).index(2)] == snap["logging"]["Ld"][-1]
 
 
 def test_extending_a_run_never_raises_the_learning_rate(nnunet_env, tiny_dataset, monkeypatch):

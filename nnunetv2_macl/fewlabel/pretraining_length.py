@@ -63,6 +63,12 @@ def pretraining_log(folder: str | os.PathLike) -> dict | None:
     return None
 
 
+def completed_epochs(logging: Mapping) -> list[int]:
+    """The pretraining's log row i as "after E epochs", the numbering of ``--keep-epochs`` snapshots: the
+    pretrainer logs each epoch under its 0-based index, so the row of snapshot E is the one logged as E - 1."""
+    return [int(e) + 1 for e in logging.get("epoch") or []]
+
+
 def _pct(v: float | None, sd: float | None = None, signed: bool = False) -> str:
     if v is None or not math.isfinite(v):
         return "–"
@@ -75,7 +81,7 @@ def length_table(points: Mapping[str, list[dict]], scratch: Mapping | None, log:
     """Markdown: one row per (start, pretraining epoch) with Dice, the difference to scratch and the
     pretraining's Lg / chance, Ld and LER at that epoch (from ``log``, when given)."""
     logging = (log or {}).get("logging") or {}
-    epochs = list(logging.get("epoch") or [])
+    epochs = completed_epochs(logging)
 
     def losses(epoch: int) -> list[str]:
         if epoch not in epochs:
@@ -133,7 +139,7 @@ def plot_dice_vs_pretraining_epochs(points: Mapping[str, list[dict]], scratch: M
         left.legend(fontsize=7)
     logging = (log or {}).get("logging") or {}
     if logging.get("epoch"):
-        ep = list(logging["epoch"])
+        ep = completed_epochs(logging)
         chance = logging.get("Lg_chance") or []
         if len(chance) == len(ep) and all(c for c in chance):
             colour, width = LOSS_STYLES["Lg"]
