@@ -142,13 +142,14 @@ def aggregate(rows: list[dict], arms: Sequence[Arm], budgets: Sequence[int]) -> 
                 rec[f"dice_{c}_mean"] = float(finite.mean()) if finite.size else None
                 rec[f"dice_{c}_sd"] = float(finite.std(ddof=1)) if finite.size > 1 else None
             if m != "scratch" and any(a.key == "scratch" for a in arms):
-                scratch = {r["fold"]: r["dice_mean"] for r in rows if r["arm"] == "scratch" and r["budget"] == b}
+                scratch_rows = [r for r in rows if r["arm"] == "scratch" and r["budget"] == b]
+                scratch = {r["fold"]: r["dice_mean"] for r in scratch_rows}
                 diffs = [r["dice_mean"] - scratch[r["fold"]] for r in sel if r["fold"] in scratch]
                 diffs = [d for d in diffs if math.isfinite(d)]  # nan: no foreground in reference and prediction
                 rec["delta_vs_scratch_mean"] = float(np.mean(diffs)) if diffs else None
                 rec["delta_vs_scratch_sd"] = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
                 rec["delta_n_folds"] = len(diffs)
-                rec["cases_above_scratch"], rec["cases_paired"] = cases_above(sel, [r for r in rows if r["arm"] == "scratch" and r["budget"] == b])
+                rec["cases_above_scratch"], rec["cases_paired"] = cases_above(sel, scratch_rows)
             out.append(rec)
     return out
 
