@@ -160,5 +160,5 @@ def plot_dice_vs_pretraining_epochs(points: Mapping[str, list[dict]], scratch: M
     else:
         right.set_axis_off()
         right.text(0.5, 0.5, "no pretraining log", ha="center", va="center")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the title
     return save_figure(fig, path, title or f"Pretraining length, M = {budget}")
